@@ -1,8 +1,12 @@
 """Shared utilities: config instantiation, safe checkpoint I/O, user-facing errors."""
+import collections
 import importlib
 import os
+import pickle
 import sys
 import tempfile
+import types
+from pathlib import Path
 
 import torch
 
@@ -69,3 +73,228 @@ def instantiate_from_config(config):
             return None
         raise KeyError("Expected key `target` to instantiate.")
     return get_obj_from_str(config["target"])(**config.get("params", dict()))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Safe checkpoint loading
+# ------------------------------------------------------------------------------------------------------------------
+# Official LDM/SD checkpoints are Lightning containers whose pickle references pytorch_lightning classes, so
+# weights_only=True refuses them. The restricted unpickler below resolves only tensor-rebuild functions, plain
+# containers and dtypes; Lightning classes become inert placeholders; everything else is refused.
+
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor"): None,
+    ("torch._utils", "_rebuild_tensor_v2"): None,
+    ("torch._utils", "_rebuild_tensor_v3"): None,
+    ("torch._utils", "_rebuild_parameter"): None,
+    ("torch._utils", "_rebuild_parameter_with_state"): None,
+    ("torch._utils", "_rebuild_meta_tensor_no_storage"): None,
+    ("torch._tensor", "_rebuild_from_type_v2"): None,
+    ("torch", "Tensor"): torch.Tensor,
+    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("builtins", "slice"): slice,
+    ("builtins", "bytearray"): bytearray,
+}
+# numpy scalars/arrays (e.g. in Lightning callback state) rebuild from a dtype and raw bytes: data only.
+_NUMPY_DATA_NAMES = {"scalar", "_reconstruct", "ndarray", "dtype"}
+_PLACEHOLDER_ROOTS = ("pytorch_lightning", "lightning", "lightning_fabric")
+
+
+class LightningPlaceholder:
+    """Inert stand-in for a pickled Lightning class; instances just keep the state they were given."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self._args, self._kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self._state = state
+
+    def __repr__(self):
+        return f"<placeholder for {self._qualified_name}>"
+
+
+_placeholders = {}
+
+
+def _placeholder_class(module, name):
+    key = f"{module}.{name}"
+    if key not in _placeholders:
+        _placeholders[key] = type(name, (LightningPlaceholder,), {"_qualified_name": key, "__module__": __name__})
+    return _placeholders[key]
+
+
+def _safe_reconstructor(cls, base, state):
+    # copyreg._reconstructor, restricted to placeholder classes built on object
+    if not (isinstance(cls, type) and issubclass(cls, LightningPlaceholder)) or base is not object:
+        raise UserError(f"refusing to rebuild {cls!r} from a checkpoint pickle")
+    return cls.__new__(cls)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        key = (module, name)
+        if key in _SAFE_GLOBALS:
+            obj = _SAFE_GLOBALS[key]
+            return obj if obj is not None else getattr(importlib.import_module(module), name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "_codecs" and name == "encode":  # protocol-2 bytes: encode(str, 'latin1')
+            import _codecs
+            return _codecs.encode
+        if module == "copyreg" and name == "_reconstructor":
+            return _safe_reconstructor
+        if module == "builtins" and name == "object":
+            return object
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray", "numpy") and name in _NUMPY_DATA_NAMES:
+            import numpy
+            return getattr(numpy, name) if name in ("ndarray", "dtype") else getattr(
+                importlib.import_module(module), name)
+        if module.split(".")[0] in _PLACEHOLDER_ROOTS:
+            return _placeholder_class(module, name)
+        raise UserError(f"refusing to load checkpoint: its pickle references {module}.{name}, which is not "
+                        "tensor data (loading it could run code)")
+
+
+_restricted_pickle = types.ModuleType("ldm_restricted_pickle")
+_restricted_pickle.Unpickler = _RestrictedUnpickler
+_restricted_pickle.load = lambda fh, **kw: _RestrictedUnpickler(fh, **kw).load()
+_restricted_pickle.__name__ = "ldm_restricted_pickle"
+
+# checkpoint folder (where scripts/download_models.sh puts model.ckpt) -> the script's model name
+DOWNLOAD_NAMES = {"cin256-v2": "cin256-v2", "lsun_beds256": "lsun_bedrooms", "lsun_churches256": "lsun_churches",
+                  "celeba256": "celebahq", "ffhq256": "ffhq", "stable-diffusion-v1": "sd-v1-4"}
+_GENERIC_CKPT_NAMES = {"model.ckpt", "model.safetensors", "last.ckpt"}
+
+
+def download_name_for(path):
+    """Name to pass to scripts/download_models.sh for a checkpoint path (its folder for model.ckpt files)."""
+    p = Path(path)
+    if p.name in _GENERIC_CKPT_NAMES and p.parent.name:
+        return DOWNLOAD_NAMES.get(p.parent.name, p.parent.name)
+    return DOWNLOAD_NAMES.get(p.stem, p.stem)
+
+
+def _require_file(path, download_name=None):
+    if not os.path.isfile(path):
+        name = download_name or download_name_for(path)
+        raise UserError(f"checkpoint {os.fspath(path)} not found; download it with "
+                        f"`bash scripts/download_models.sh {name}`")
+
+
+def load_checkpoint(path, download_name=None):
+    """Load a checkpoint container without executing pickled code.
+
+    Returns a dict with at least "state_dict" (Lightning containers keep their other entries, e.g.
+    global_step; Lightning classes inside are LightningPlaceholder instances). Bare state dicts and
+    .safetensors files are wrapped as {"state_dict": ...}.
+    """
+    path = os.fspath(path)
+    _require_file(path, download_name)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return {"state_dict": collections.OrderedDict(load_file(path, device="cpu"))}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+    except UserError:
+        raise
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"could not read checkpoint {path}: {err}") from err
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        return obj
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        return {"state_dict": obj}
+    raise UserError(f"checkpoint {path} holds neither a state dict nor a Lightning container")
+
+
+def load_state_dict_file(path, download_name=None):
+    """The name -> tensor mapping of a checkpoint (.ckpt Lightning container, bare .pt/.pth, .safetensors)."""
+    return load_checkpoint(path, download_name)["state_dict"]
+
+
+# Keys official checkpoints may carry that a model built from the inference configs need not hold
+# (unexpected), or may lack (missing). Anything else is an error.
+IGNORABLE_UNEXPECTED_KEYS = (
+    "model_ema.decay",
+    "model_ema.num_updates",
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+)
+IGNORABLE_MISSING_KEYS = (
+    # transformers >= 4.31 no longer saves it; the value is arange(77) either way
+    "cond_stage_model.transformer.text_model.embeddings.position_ids",
+)
+
+
+def _key_list(keys, limit=20):
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} keys in total)" if len(keys) > limit else "")
+
+
+def load_checked(module, state_dict, ignorable_unexpected=(), ignorable_missing=(), ignorable_prefixes=()):
+    """load_state_dict with a named whitelist instead of strict=False; other mismatches raise UserError."""
+    own = module.state_dict()
+    unexpected = [k for k in state_dict if k not in own]
+    missing = [k for k in own if k not in state_dict]
+    bad_unexpected = [k for k in unexpected if k not in ignorable_unexpected
+                      and not any(k.startswith(p) for p in ignorable_prefixes)]
+    bad_missing = [k for k in missing if k not in ignorable_missing]
+    if bad_missing or bad_unexpected:
+        parts = []
+        if bad_missing:
+            parts.append(f"missing keys: {_key_list(bad_missing)}")
+        if bad_unexpected:
+            parts.append(f"unexpected keys: {_key_list(bad_unexpected)}")
+        raise UserError(f"checkpoint does not match {type(module).__name__}: " + "; ".join(parts))
+    shapes = [k for k in state_dict if k in own and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if shapes:
+        raise UserError("checkpoint shapes do not match the model for keys: " + _key_list(
+            [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]))
+    module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def _ema_shadow_map(model):
+    """checkpoint key of each EMA shadow (`model_ema.<name without dots>`) -> model key (`model.<name>`)."""
+    inner = getattr(model, "model", None)
+    if inner is None:
+        return {}
+    return {"model_ema." + name.replace(".", ""): "model." + name for name, _ in inner.named_parameters()}
+
+
+def load_model_from_config(config, ckpt, use_ema_weights=False, device="cpu", download_name=None):
+    """Build config.model (or config itself if it has a target) and load `ckpt` into it, checked.
+
+    EMA shadows (`model_ema.*`) in the checkpoint are matched to the model's `model.*` parameters; with
+    use_ema_weights they replace them. Returns the model in eval mode with `.global_step` set when known.
+    """
+    model_cfg = config["model"] if "model" in config else config
+    container = load_checkpoint(ckpt, download_name)
+    sd = collections.OrderedDict(container["state_dict"])
+    model = instantiate_from_config(model_cfg)
+    shadow_map = _ema_shadow_map(model)
+    has_ema_module = hasattr(model, "model_ema")
+    present = [k for k in shadow_map if k in sd]
+    if use_ema_weights and not present:
+        raise UserError(f"checkpoint {ckpt} holds no EMA weights (model_ema.*), but EMA weights were requested")
+    if present and len(present) != len(shadow_map):
+        absent = [k for k in shadow_map if k not in sd]
+        raise UserError(f"checkpoint {ckpt} has an incomplete EMA set; missing: {_key_list(absent)}")
+    ema_weights = {shadow_map[k]: sd[k] for k in present}
+    if not has_ema_module:  # the shadows have no home in this model: consumed here, not loaded
+        for k in present:
+            del sd[k]
+    load_checked(model, sd, IGNORABLE_UNEXPECTED_KEYS, IGNORABLE_MISSING_KEYS)
+    if use_ema_weights:
+        missing = model.load_state_dict(ema_weights, strict=False).unexpected_keys
+        assert not missing, missing
+    model.global_step = container.get("global_step")
+    return model.to(device).eval()
