@@ -8,6 +8,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import scipy.linalg
@@ -18,31 +19,46 @@ from ldm.util import atomic_write_bytes
 
 @dataclass(frozen=True)
 class FeatureStats:
-    """Mean and covariance of a feature set: all that FID / sFID need."""
+    """Mean and covariance of a feature set: all that FID / sFID need.
+
+    With fewer samples than dimensions the covariance has rank < D; then `factor` C ([n, D], sigma = C^T C)
+    is kept as well, so that the Fréchet distance needs an n x n eigenproblem instead of a D x D sqrtm.
+    """
 
     mu: np.ndarray
     sigma: np.ndarray
     n: int
+    factor: Optional[np.ndarray] = None
 
     @classmethod
     def from_features(cls, features):
         feats = np.asarray(features, dtype=np.float64)
         if feats.ndim != 2 or feats.shape[0] < 2:
             raise ValueError(f"need features of shape [N>=2, D], got {feats.shape}")
-        return cls(mu=feats.mean(axis=0), sigma=np.cov(feats, rowvar=False), n=int(feats.shape[0]))
+        n, dim = feats.shape
+        mu = feats.mean(axis=0)
+        factor = (feats - mu) / np.sqrt(n - 1) if n <= dim else None
+        return cls(mu=mu, sigma=np.cov(feats, rowvar=False).reshape(dim, dim), n=int(n), factor=factor)
 
     def frechet_distance(self, other: "FeatureStats") -> float:
+        if self.factor is not None:
+            return frechet_distance_lowrank(self.mu, self.factor, other.mu, other.sigma)
+        if other.factor is not None:
+            return frechet_distance_lowrank(other.mu, other.factor, self.mu, self.sigma)
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
 
     def save(self, path):
         buf = io.BytesIO()
-        np.savez(buf, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
+        extra = {} if self.factor is None else {"factor": self.factor}
+        np.savez(buf, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), **extra)
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path):
         with np.load(path, allow_pickle=False) as data:
-            return cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64), n=int(data["n"]))
+            factor = data["factor"].astype(np.float64) if "factor" in data.files else None
+            return cls(mu=data["mu"].astype(np.float64), sigma=data["sigma"].astype(np.float64), n=int(data["n"]),
+                       factor=factor)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
@@ -67,6 +83,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
             raise ValueError(f"sqrtm has a large imaginary component ({np.max(np.abs(covmean.imag)):.3g})")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def frechet_distance_lowrank(mu1, factor1, mu2, sigma2) -> float:
+    """The same distance when sigma1 = C^T C with C [n, D], n small.
+
+    The non-zero eigenvalues of sigma1 sigma2 = C^T C sigma2 are those of the symmetric PSD n x n matrix
+    C sigma2 C^T, so Tr (sigma1 sigma2)^(1/2) = sum of their square roots: exact for rank-deficient sigma1.
+    """
+    factor1, sigma2 = np.asarray(factor1, np.float64), np.asarray(sigma2, np.float64)
+    diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
+    inner = factor1 @ sigma2 @ factor1.T
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2.0)
+    # centred factors have a zero eigenvalue whose round-off (~1e-16) would add ~1e-8 per root; drop it
+    eig[eig < max(eig.max(), 0.0) * 1e-12] = 0.0
+    tr_covmean = np.sqrt(eig).sum()
+    return float(diff @ diff + np.sum(factor1 * factor1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
 def inception_score(logits_or_probs, split_size=5000, kind="logits"):
@@ -140,7 +172,7 @@ def precision_recall(real_features, fake_features, k=3, row_batch=1024, col_batc
     fake_radii = knn_radii(fake_features, k, row_batch, col_batch)
     precision = manifold_coverage(fake_features, real_features, real_radii, row_batch, col_batch)
     recall = manifold_coverage(real_features, fake_features, fake_radii, row_batch, col_batch)
-    return float(precision.float().mean()), float(recall.float().mean())
+    return float(precision.double().mean()), float(recall.double().mean())
 
 
 def conditional_accuracy(pred_labels, target_labels) -> float:

@@ -24,6 +24,14 @@ def cli_main(fn, *args, **kwargs):
         sys.exit(2)
 
 
+def _publish(tmp, path):
+    """Give the temporary file the permissions a plain open() would (mkstemp makes it 0600), then rename."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path, data: bytes):
     """Write bytes so that readers never see a partial file (temporary file in the same dir, then rename)."""
     path = os.fspath(path)
@@ -35,7 +43,7 @@ def atomic_write_bytes(path, data: bytes):
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -51,7 +59,7 @@ def atomic_save(obj, path):
     os.close(fd)
     try:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
