@@ -9,7 +9,8 @@ Layout (one definition used everywhere):
   starts at bit ``sum(row_bits[:r]) * row_len``. Offsets follow from ``row_bits`` alone, nothing else is stored.
 - The only padding is at the very end: ``ceil(total_bits / 8)`` bytes, i.e. < 1 byte per packed tensor.
 
-Vectorised with numpy packbits/unpackbits (no Python loops); peak scratch is ~rows*row_len*max_bits bytes.
+Vectorised numpy. Rows of a multiple of 8 codes (every UNet layer except a 3-channel input conv) take a word-wise
+path with one pass per distinct bit width; other shapes use bit planes (packbits/unpackbits, no Python loop).
 """
 import numpy as np
 import torch
@@ -52,6 +53,8 @@ def pack_rows(values, row_bits) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.uint8)
     if vals.min() < 0 or np.any(vals.max(axis=1).astype(np.int64) >= (np.int64(1) << bits)):
         raise ValueError("codes out of range for their row's bit width")
+    if row_len_aligned(vals.shape[1]):
+        return torch.from_numpy(_pack_aligned(vals, bits))
     max_b = int(bits.max())
     # Bit planes [rows, row_len, max_b], LSB first. Keeping plane k of row r iff k < bits[r] and reading the
     # kept entries in C order yields exactly the row-after-row concatenation of each row's codes.
@@ -72,6 +75,8 @@ def unpack_rows(packed, row_bits, row_len: int) -> torch.Tensor:
         raise ValueError(f"packed stream has {data.shape[0]} bytes, layout needs {need}")
     if rows * row_len == 0:
         return torch.zeros((rows, row_len), dtype=torch.uint8)
+    if row_len_aligned(row_len):
+        return torch.from_numpy(_unpack_aligned(data, bits, row_len))
     total_bits = int(bits.sum()) * row_len
     stream = np.unpackbits(data, count=total_bits, bitorder="little")
     max_b = int(bits.max())
@@ -79,6 +84,50 @@ def unpack_rows(packed, row_bits, row_len: int) -> torch.Tensor:
     planes[_plane_mask(bits, planes.shape)] = stream
     codes = np.packbits(planes, axis=-1, bitorder="little")[..., 0]
     return torch.from_numpy(np.ascontiguousarray(codes))
+
+
+def row_len_aligned(row_len: int) -> bool:
+    """Rows of a multiple of 8 codes start on byte boundaries whatever their widths: the word-wise fast path."""
+    return row_len % 8 == 0
+
+
+# Fast path (same bytes as the bit-plane path): 8 codes of b bits are exactly b bytes, i.e. one little-endian
+# integer of 8·b bits whose bits b·j .. b·j+b-1 hold code j. One pass per distinct width, no per-bit arrays.
+def _word_dtype(b):
+    return np.uint32 if b <= 4 else np.uint64
+
+
+def _byte_index(bits, row_len, sel, b):
+    starts = np.concatenate([np.zeros(1, np.int64), np.cumsum(bits * (row_len // 8))[:-1]])
+    return starts[sel][:, None] + np.arange(row_len // 8 * b, dtype=np.int64)[None, :]
+
+
+def _pack_aligned(vals, bits):
+    rows, row_len = vals.shape
+    out = np.empty(int(bits.sum()) * row_len // 8, dtype=np.uint8)
+    for b in np.unique(bits):
+        b = int(b)
+        sel = np.nonzero(bits == b)[0]
+        wt = _word_dtype(b)
+        codes = vals[sel].astype(wt).reshape(len(sel), row_len // 8, 8)
+        word = np.bitwise_or.reduce(codes << (wt(b) * np.arange(8, dtype=wt)), axis=-1)
+        chunk = (word[..., None] >> (wt(8) * np.arange(b, dtype=wt))).astype(np.uint8)
+        out[_byte_index(bits, row_len, sel, b)] = chunk.reshape(len(sel), -1)
+    return out
+
+
+def _unpack_aligned(data, bits, row_len):
+    rows = bits.shape[0]
+    out = np.empty((rows, row_len), dtype=np.uint8)
+    for b in np.unique(bits):
+        b = int(b)
+        sel = np.nonzero(bits == b)[0]
+        wt = _word_dtype(b)
+        chunk = data[_byte_index(bits, row_len, sel, b)].reshape(len(sel), row_len // 8, b).astype(wt)
+        word = np.bitwise_or.reduce(chunk << (wt(8) * np.arange(b, dtype=wt)), axis=-1)
+        codes = (word[..., None] >> (wt(b) * np.arange(8, dtype=wt))) & wt((1 << b) - 1)
+        out[sel] = codes.astype(np.uint8).reshape(len(sel), row_len)
+    return out
 
 
 def _plane_mask(bits: np.ndarray, shape) -> np.ndarray:

@@ -14,6 +14,8 @@ SHAPE = st.one_of(
     st.tuples(st.integers(1, 24), st.integers(1, 20), st.just(1), st.just(1)),
     st.tuples(st.integers(1, 24), st.integers(1, 12), st.just(3), st.just(3)),
     st.tuples(st.integers(1, 9)),
+    st.tuples(st.integers(1, 24), st.integers(1, 6).map(lambda k: 8 * k)),          # row length % 8 == 0
+    st.tuples(st.integers(1, 24), st.integers(1, 3).map(lambda k: 8 * k), st.just(3), st.just(3)),
 )
 
 
