@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) benchmarks/digits_table.py --profile demo
 
 table: $(STAMP)
 	$(PY) benchmarks/digits_table.py

@@ -1,0 +1,215 @@
+"""The digits results table: FP, naive PTQ, EfficientDM, MPQ-DM (+ MPQ-DM+ and ablations) on the embedded model.
+
+Runs the numbered scripts exactly as a user would (01 once, then 02 -> 03 -> 04 per row), scores every sample file
+with the digits CNN, and writes a Markdown + JSON table. Every step skips work whose artifact already exists, so a
+killed run continues where it stopped when re-run with the same arguments.
+
+  python benchmarks/digits_table.py                   # full table -> results/digits.md, results/digits.json
+  python benchmarks/digits_table.py --profile demo    # what `make demo` runs: W2A4 MPQ-DM vs EfficientDM vs FP
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from evaluation.digits_report import DIGITS_METRIC_COLUMNS, digits_row_metrics, format_metric  # noqa: E402
+from ldm.util import UserError, atomic_write_bytes, cli_main  # noqa: E402
+
+# One row = one run directory. `stage` naive samples naive.pt of `source` (no fine-tuning of its own).
+BITS = [(4, 8), (4, 4), (3, 4), (2, 4)]
+MAIN_ROWS = [dict(name="fp", label="FP", method="fp", w=32, a=32)]
+for _w, _a in BITS:
+    MAIN_ROWS += [
+        dict(name=f"naive-w{_w}a{_a}", label="naive PTQ", method="efficientdm", w=_w, a=_a, stage="naive",
+             source=f"efficientdm-w{_w}a{_a}"),
+        dict(name=f"efficientdm-w{_w}a{_a}", label="EfficientDM", method="efficientdm", w=_w, a=_a),
+        dict(name=f"mpqdm-w{_w}a{_a}", label="MPQ-DM", method="mpqdm", w=_w, a=_a),
+    ]
+MAIN_ROWS.append(dict(name="mpqdm+-w2a4", label="MPQ-DM+", method="mpqdm+", w=2, a=4))
+
+ABLATION_ROWS = [
+    dict(name="efficientdm-w2a4", label="EfficientDM", method="efficientdm", w=2, a=4),
+    dict(name="abl-omq-only-w2a4", label="MPQ-DM, TRD off (+OMQ)", method="mpqdm", w=2, a=4,
+         flags=["--trd_mode", "off"]),
+    dict(name="abl-trd-only-w2a4", label="MPQ-DM, OMQ off (+TRD)", method="mpqdm", w=2, a=4, flags=["--omq", "off"]),
+    dict(name="mpqdm-w2a4", label="MPQ-DM (OMQ + TRD, paper)", method="mpqdm", w=2, a=4),
+    dict(name="abl-trd-released-w2a4", label="MPQ-DM, TRD released (detached)", method="mpqdm", w=2, a=4,
+         flags=["--trd_mode", "released"]),
+    dict(name="abl-omq-released-w2a4", label="MPQ-DM, OMQ released set {0,10%}", method="mpqdm", w=2, a=4,
+         flags=["--omq_candidates", "released"]),
+    dict(name="abl-mpqdm-naive-w2a4", label="MPQ-DM naive (OMQ, no fine-tuning)", method="mpqdm", w=2, a=4,
+         stage="naive", source="mpqdm-w2a4"),
+]
+
+DEMO_ROWS = [MAIN_ROWS[0]] + [r for r in MAIN_ROWS if r["name"] in ("efficientdm-w2a4", "mpqdm-w2a4")]
+
+PROFILES = {
+    # the results table: about an hour on 2 CPU cores with --jobs 2
+    "full": dict(rows=MAIN_ROWS, ablation=ABLATION_ROWS, epochs=16, n_samples=1000, out_dir="runs/digits_table",
+                 md="results/digits.md", json="results/digits.json"),
+    # make demo: a shorter fine-tuning budget and fewer samples, well under 15 minutes
+    "demo": dict(rows=DEMO_ROWS, ablation=[], epochs=6, n_samples=500, out_dir="runs/demo",
+                 md="runs/demo/table.md", json="runs/demo/table.json"),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="full",
+                   help="full: every row of the results table; demo: FP, EfficientDM and MPQ-DM at W2A4 only")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="fine-tuning epochs per run (20 optimizer steps each; default 16 full, 6 demo)")
+    p.add_argument("--n_samples", type=int, default=None,
+                   help="images per row, balanced over the 10 digits (default 1000 full, 500 demo)")
+    p.add_argument("--batch_size", type=int, default=250, help="images per sampling batch")
+    p.add_argument("--seed", type=int, default=0,
+                   help="sampling seed; every row uses the same per-image noise, so PSNR pairs images")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs executed in parallel, each on one CPU thread (2 fits a 2-core machine)")
+    p.add_argument("--out_dir", default=None, help="where the run directories go (default runs/digits_table)")
+    p.add_argument("--md", default=None, help="Markdown table path (default results/digits.md)")
+    p.add_argument("--json", default=None, help="JSON records path (default results/digits.json)")
+    p.add_argument("--quiet", action="store_true", help="do not echo the scripts' commands")
+    return p
+
+
+class Runner:
+    """Runs one script per call with a log file per run directory; a failed step stops the table."""
+
+    def __init__(self, out_dir, quiet):
+        self.out_dir, self.quiet = out_dir, quiet
+        self.env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def __call__(self, run_dir, script, *args):
+        cmd = [sys.executable, os.path.join(REPO, script), *map(str, args)]
+        os.makedirs(run_dir, exist_ok=True)
+        if not self.quiet:
+            print("  $", " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
+        start = time.time()
+        with open(os.path.join(run_dir, "log.txt"), "a") as log:
+            log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+            log.flush()
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+        if code != 0:
+            raise UserError(f"{script} failed with exit status {code}; see {run_dir}/log.txt")
+        return time.time() - start
+
+
+def run_row(row, args, runner, calib):
+    """Produce the row's samples.npz (and finetuned.pt); returns seconds spent fine-tuning (None if none)."""
+    run_dir = os.path.join(args.out_dir, row["name"])
+    samples = os.path.join(run_dir, "samples.npz")
+    sample_args = ["--n_samples", args.n_samples, "--batch_size", args.batch_size, "--seed", args.seed,
+                   "--out", samples]
+    if row["method"] == "fp":
+        if not os.path.exists(samples):
+            runner(run_dir, "scripts/sample_diffusion.py", "--preset", "digits", "--ddim_steps", 20, "--eta", 0.0,
+                   "--scale", 3.0, *sample_args)
+        return None
+    if row.get("stage") == "naive":
+        source_dir = os.path.join(args.out_dir, row["source"])
+        if not os.path.exists(samples):
+            runner(run_dir, "quant_scripts/04_sample_lora_model.py", "--preset", "digits", "--run_dir", source_dir,
+                   "--stage", "naive", *sample_args)
+        return None
+    os.makedirs(run_dir, exist_ok=True)
+    if not os.path.exists(os.path.join(run_dir, "calib.pt")):
+        os.link(calib, os.path.join(run_dir, "calib.pt"))
+    common = ["--preset", "digits", "--run_dir", run_dir]
+    if not os.path.exists(os.path.join(run_dir, "naive.pt")):
+        runner(run_dir, "quant_scripts/02_quantize_ldm_naive.py", *common, "--method", row["method"],
+               "--n_bits_w", row["w"], "--n_bits_a", row["a"], *row.get("flags", []))
+    timing = os.path.join(run_dir, "finetune_seconds.json")
+    if not os.path.exists(os.path.join(run_dir, "finetuned.pt")):
+        seconds = runner(run_dir, "quant_scripts/03_train_mpqdm.py", *common, "--epochs", args.epochs)
+        atomic_write_bytes(timing, json.dumps({"seconds": seconds, "epochs": args.epochs}).encode())
+    if not os.path.exists(samples):
+        runner(run_dir, "quant_scripts/04_sample_lora_model.py", *common, *sample_args)
+    return json.load(open(timing))["seconds"] if os.path.exists(timing) else None
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    prof = PROFILES[args.profile]
+    args.epochs = args.epochs or prof["epochs"]
+    args.n_samples = args.n_samples or prof["n_samples"]
+    args.out_dir = os.path.abspath(args.out_dir or prof["out_dir"])
+    md_path, json_path = args.md or prof["md"], args.json or prof["json"]
+    if args.n_samples % 10:
+        raise UserError(f"--n_samples must be a multiple of 10 (balanced digits), got {args.n_samples}")
+    command = "python benchmarks/digits_table.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    rows = prof["rows"] + [r for r in prof["ablation"] if r["name"] not in {x["name"] for x in prof["rows"]}]
+    runner = Runner(args.out_dir, args.quiet)
+    started = time.time()
+
+    calib_dir = os.path.join(args.out_dir, "calib")
+    calib = os.path.join(calib_dir, "calib.pt")
+    if not os.path.exists(calib):
+        print("[01] calibration trajectories", flush=True)
+        runner(calib_dir, "quant_scripts/01_collect_input_4_calib.py", "--preset", "digits", "--run_dir", calib_dir)
+
+    # Fine-tuned runs first (naive rows sample from their artifacts), in parallel chains.
+    trained = [r for r in rows if r.get("stage") != "naive"]
+    naive = [r for r in rows if r.get("stage") == "naive"]
+    seconds = {}
+    for batch in (trained, naive):
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = {r["name"]: pool.submit(run_row, r, args, runner, calib) for r in batch}
+            for name, fut in futures.items():
+                seconds[name] = fut.result()
+                print(f"[done] {name}", flush=True)
+
+    fp_npz = os.path.join(args.out_dir, "fp", "samples.npz")
+    records = {}
+    for r in rows:
+        metrics = digits_row_metrics(os.path.join(args.out_dir, r["name"], "samples.npz"), fp_npz)
+        records[r["name"]] = dict(name=r["name"], label=r["label"], method=r["method"], w_bits=r["w"], a_bits=r["a"],
+                                  stage=r.get("stage", "finetuned" if r["method"] != "fp" else "fp"),
+                                  flags=r.get("flags", []), **metrics, n_samples=args.n_samples,
+                                  seconds=seconds.get(r["name"]), epochs=None if r["method"] == "fp" else args.epochs)
+
+    settings = (f"digits LDM-4 (models/ldm/digits-ldm-vq-4), samples: DDIM 20 steps, eta 0, CFG 3.0, "
+                f"{args.n_samples} images ({args.n_samples // 10} per digit), seed {args.seed}; fine-tuning: "
+                f"{args.epochs} epochs x 20 steps, digits preset of quant_scripts (calibration 50-step DDIM "
+                f"trajectories, 32 naive tuples); metrics by the shipped digits CNN; FID/sFID/precision/recall "
+                f"against the 1,437 real training digits; FID-FP and PSNR against the FP samples drawn from the same "
+                f"noise; fine-tuning seconds measured with {args.jobs} runs in parallel, one thread each.")
+    md = [f"# Digits results ({args.profile} profile)", "", "Command:", "", "```", command, "```", "",
+          f"Settings: {settings}", "",
+          *([f"Demo budget: {args.epochs} fine-tuning epochs and {args.n_samples} samples per row, shorter than "
+             f"the results table's ({PROFILES['full']['epochs']} epochs, {PROFILES['full']['n_samples']} samples); "
+             "see results/digits.md for the full measurement.", ""] if args.profile == "demo" else []), f"Total wall time of the command that wrote this: "
+          f"{time.time() - started:.0f} s (re-runs skip finished artifacts).", ""]
+    md += _table("Main table", [records[r["name"]] for r in prof["rows"]])
+    if prof["ablation"]:
+        md += ["", "Same command, same settings; all rows W2A4:", ""]
+        md += _table("Ablation at W2A4", [records[r["name"]] for r in prof["ablation"]])
+    text = "\n".join(md) + "\n"
+    atomic_write_bytes(os.path.join(REPO, md_path) if not os.path.isabs(md_path) else md_path, text.encode())
+    ordered = [records[r["name"]] for r in rows]
+    atomic_write_bytes(os.path.join(REPO, json_path) if not os.path.isabs(json_path) else json_path,
+                       (json.dumps(ordered, indent=1) + "\n").encode())
+    print(text)
+    print(f"table: {md_path}  records: {json_path}  sample grids: {args.out_dir}/<row>/samples.png")
+
+
+def _table(title, records):
+    head = ["method", "W/A", "stage"] + [c[1] for c in DIGITS_METRIC_COLUMNS] + ["fine-tune s"]
+    lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rec in records:
+        wa = "32/32" if rec["method"] == "fp" else f"{rec['w_bits']}/{rec['a_bits']}"
+        cells = [rec["label"], wa, rec["stage"]] + [format_metric(c[0], rec.get(c[0])) for c in DIGITS_METRIC_COLUMNS]
+        cells.append("–" if rec["seconds"] is None else f"{rec['seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+if __name__ == "__main__":
+    cli_main(main)
