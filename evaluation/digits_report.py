@@ -69,4 +69,6 @@ def format_metric(key, value):
         return f"{100 * value:.1f}%"
     if key == "PSNR_fp" and not np.isfinite(value):
         return "∞"
+    if key.startswith(("FID", "sFID")):
+        value = max(value, 0.0)  # a distance; identical sets can come out as -1e-12 in floating point
     return f"{value:.2f}" if key in ("IS", "PSNR_fp") else f"{value:.3f}"

@@ -9,7 +9,7 @@ activation scales by timestep value, so the sampling schedule must be the traine
 import os
 
 # _common first: it puts the repository root on sys.path
-from _common import agree, artifact_path, build_student, load_fp_model, load_stage_artifact, parser
+from _common import agree, artifact_path, build_student, load_fp_model, load_stage_artifact, parser, unet_config
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.util import UserError, cli_main
 
@@ -29,6 +29,10 @@ def build_parser():
     p = parser(__doc__, CONSTANTS)
     p.add_argument("--stage", choices=["finetuned", "naive"], default="finetuned",
                    help="which quantized artifact to sample from (default: finetuned.pt)")
+    p.add_argument("--from_export", default=None, metavar="PATH",
+                   help="sample from a packed export (06_export_packed.py) instead of a run_dir artifact; the "
+                        "file alone defines the quantized UNet (the FP checkpoint gives the autoencoder and "
+                        "class embedder)")
     p.add_argument("--out", default=None, help="output .npz (default: run_dir/samples.npz)")
     p.add_argument("--sampler", choices=["ddim", "plms"], default=None, help="sampler (default ddim)")
     p.add_argument("--ddim_steps", type=int, default=None,
@@ -65,6 +69,24 @@ def sampling_schedule(qunet, steps, num_timesteps):
     return convert_schedule(qunet, wanted)
 
 
+def load_packed(args, model, ident):
+    """(QuantUNet from the packed file, its meta in artifact terms, path); the file must match the FP model."""
+    from quant.export import load_export, read_header
+
+    path = os.path.abspath(args.from_export)
+    header = read_header(path)
+    extra = header.get("extra", {})
+    if extra.get("config_hash") not in (None, ident["config_hash"]):
+        raise UserError(f"{path} was exported from a model with config hash {extra.get('config_hash')}, but "
+                        f"--preset {args.preset} has {ident['config_hash']}.")
+    # built from the config on the meta device: the float weights of the quantized layers never exist
+    qunet = load_export(path, unet_config(args), device=model.device)
+    meta = {"method": header["method"], "n_bits_w": header["w_bits"], "n_bits_a": header["a_bits"],
+            "timesteps": header["timesteps"], "trd_mode": header.get("config", {}).get("trd_mode", "off"),
+            "config_hash": ident["config_hash"]}
+    return qunet, meta, path
+
+
 def main(argv=None):
     from ldm.generate import generate_samples
     from ldm.presets import get_preset
@@ -72,23 +94,26 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     preset = get_preset(args.preset).sampling_defaults()
     model, ident = load_fp_model(args)
-    art = load_stage_artifact(args, args.stage, ident)
-    meta = art["meta"]
-    if meta.get("stage") != args.stage:
-        raise UserError(f"{artifact_path(args, args.stage)} is a {meta.get('stage')!r} artifact, not {args.stage!r}.")
-    agree(args, meta, {"method": "method", "n_bits_w": "n_bits_w", "n_bits_a": "n_bits_a"}, f"{args.stage} artifact")
+    if args.from_export:
+        qunet, meta, source = load_packed(args, model, ident)
+    else:
+        art = load_stage_artifact(args, args.stage, ident)
+        meta, source = art["meta"], os.path.abspath(artifact_path(args, args.stage))
+        if meta.get("stage") != args.stage:
+            raise UserError(f"{source} is a {meta.get('stage')!r} artifact, not {args.stage!r}.")
+        qunet = build_student(model, meta, art["state_dict"], copy_unet=False)
+        del art
+    agree(args, meta, {"method": "method", "n_bits_w": "n_bits_w", "n_bits_a": "n_bits_a"}, "quantized model")
     steps = args.ddim_steps or len(meta["timesteps"])
-    qunet = build_student(model, meta, art["state_dict"], copy_unet=False)
     qunet = sampling_schedule(qunet, steps, model.num_timesteps)
-    del art
     qunet.eval()
     model.model.diffusion_model = qunet
 
     out = args.out or artifact_path(args, "samples")
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]  # noqa: E731
-    extra = {"quant_stage": args.stage, "quant_method": meta["method"], "n_bits_w": meta["n_bits_w"],
-             "n_bits_a": meta["n_bits_a"], "trd_mode": meta.get("trd_mode", "off"), "preset": args.preset,
-             "config_hash": meta["config_hash"], "quant_artifact": os.path.abspath(artifact_path(args, args.stage))}
+    extra = {"quant_stage": "export" if args.from_export else args.stage, "quant_method": meta["method"],
+             "n_bits_w": meta["n_bits_w"], "n_bits_a": meta["n_bits_a"], "trd_mode": meta.get("trd_mode", "off"),
+             "preset": args.preset, "config_hash": meta["config_hash"], "quant_artifact": source}
     written = generate_samples(model, out, n_samples=pick("n_samples"), batch_size=pick("batch_size"),
                                ddim_steps=steps, eta=pick("eta"), scale=pick("scale"),
                                seed=args.seed if args.seed is not None else CONSTANTS["seed"],

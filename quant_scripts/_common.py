@@ -122,6 +122,16 @@ def load_fp_model(args, use_ema=None):
     return model, ident
 
 
+def unet_config(args):
+    """The UNet's {target, params} from the model config of --config or the preset (plain dict)."""
+    from omegaconf import OmegaConf
+
+    from ldm.presets import get_preset
+
+    config = OmegaConf.load(args.config or get_preset(args.preset).config_path)
+    return OmegaConf.to_container(config.model.params.unet_config, resolve=True)
+
+
 def class_info(model):
     """(class_conditional, n_classes, null_class) of the LDM."""
     from ldm.generate import conditioning_info

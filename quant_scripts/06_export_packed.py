@@ -1,0 +1,55 @@
+"""Ship the quantized UNet as a really low-bit file -> run_dir/export.safetensors (quant.export).
+
+Integer weights packed at their real bit widths (MPQ-DM's per-channel {b-1, b, b+1} groups included), LoRA merged,
+per-channel Δ/z, smoothing vectors, per-step activation scales keyed by timestep, and a JSON header that names the
+method, the bits of every layer, the layer policy and the model config hash. Sample from it with
+`04_sample_lora_model.py --from_export PATH`.
+
+The fake quantizer keeps a float zero point z; b-bit integers can only hold an integer one, so the export rounds z
+(the fine-tuned drift is tiny; the header records how many weights that moves). Every weight the fake quantizer
+does not clip dequantizes bitwise identically.
+"""
+import os
+
+# _common first: it puts the repository root on sys.path
+from _common import agree, artifact_path, build_student, load_fp_model, load_stage_artifact, parser, unet_config
+from ldm.util import UserError, cli_main
+
+
+def build_parser():
+    p = parser(__doc__, {"float_dtype": "float32"})
+    p.add_argument("--stage", choices=["finetuned", "naive"], default="finetuned",
+                   help="which quantized artifact to export (default: finetuned.pt)")
+    p.add_argument("--out", default=None, help="output file (default: run_dir/export.safetensors)")
+    p.add_argument("--float16", action="store_true",
+                   help="store the unquantized tensors (FP layers, norms, biases, embeddings) as float16")
+    p.add_argument("--method", choices=["efficientdm", "mpqdm", "mpqdm+"], help="must match the artifact if given")
+    p.add_argument("--n_bits_w", type=int, help="must match the artifact if given")
+    p.add_argument("--n_bits_a", type=int, help="must match the artifact if given")
+    return p
+
+
+def main(argv=None):
+    from quant.export import export_quantized, theoretical_bytes
+
+    args = build_parser().parse_args(argv)
+    model, ident = load_fp_model(args)
+    art = load_stage_artifact(args, args.stage, ident)
+    meta = art["meta"]
+    agree(args, meta, {"method": "method", "n_bits_w": "n_bits_w", "n_bits_a": "n_bits_a"}, f"{args.stage} artifact")
+    fp_bytes = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.state_dict().values())
+    qunet = build_student(model, meta, art["state_dict"], copy_unet=False)
+    out = args.out or os.path.join(args.run_dir, "export.safetensors")
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a directory; give a file path such as {out}/export.safetensors.")
+    export_quantized(qunet, out, unet_config(args), float_dtype="float16" if args.float16 else "float32",
+                     extra_meta={"preset": args.preset, "config_hash": meta["config_hash"], "stage": args.stage,
+                                 "quant_artifact": os.path.abspath(artifact_path(args, args.stage))})
+    size, ideal = os.path.getsize(out), theoretical_bytes(out)
+    print(f"wrote {out}: {size / 1e6:.3f} MB (theoretical {ideal / 1e6:.3f} MB, ratio {size / ideal:.4f}); "
+          f"float32 UNet {fp_bytes / 1e6:.3f} MB, {fp_bytes / size:.1f}x smaller")
+    return out
+
+
+if __name__ == "__main__":
+    cli_main(main)
