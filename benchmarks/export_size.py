@@ -22,13 +22,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
 from ldm.util import UserError, atomic_write_bytes, cli_main, instantiate_from_config  # noqa: E402
 
-CIN_HPARAMS = "/work/shared/reference/ldm/configs/cin256-v2.hparams.json"
+CIN_CONFIG = "configs/latent-diffusion/cin256-v2.yaml"
 DIGITS_CONFIG = "configs/latent-diffusion/digits-ldm-vq-4.yaml"
 DIGITS_CKPT = "models/ldm/digits-ldm-vq-4/model.ckpt"
 SETTINGS = ("W4", "W3", "W2", "W2-OMQ", "MPQ-DM+", "W2-OMQ-fp16")
@@ -39,12 +40,9 @@ MiB = 1024 * 1024
 def unet_config(model, args):
     """UNet {target, params} for a model name, or None (with a message) when it is unavailable."""
     if model == "cin256-v2":
-        with open(CIN_HPARAMS) as fh:
-            return json.load(fh)["config"]["model"]["params"]["unet_config"], None
-    if model == "tiny-cin":   # smoke test: the reference tiny cin-shaped UNet
-        vec = "/work/shared/reference/ldm/vectors/a_unet_cin_tiny.pt"
-        return {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                "params": torch.load(vec, weights_only=True)["config"]}, None
+        from omegaconf import OmegaConf
+        unet = OmegaConf.load(os.path.join(REPO, CIN_CONFIG)).model.params.unet_config
+        return OmegaConf.to_container(unet, resolve=True), None
     if model == "digits":
         if not os.path.isfile(args.digits_ckpt):
             print(f"skipping digits: no checkpoint at {args.digits_ckpt} (train it with scripts/train_digits_ldm.py)")
@@ -52,7 +50,7 @@ def unet_config(model, args):
         from omegaconf import OmegaConf
         cfg = OmegaConf.to_container(OmegaConf.load(args.digits_config), resolve=True)
         return cfg["model"]["params"]["unet_config"], args.digits_ckpt
-    raise UserError(f"unknown model {model!r}; choose from digits, cin256-v2, tiny-cin.")
+    raise UserError(f"unknown model {model!r}; choose from digits, cin256-v2.")
 
 
 def build_unet(config, ckpt):

@@ -66,6 +66,19 @@ def atomic_save(obj, path):
         raise
 
 
+def default_device(requested=None):
+    """The requested device, else this process's GPU (LOCAL_RANK under torchrun), else the CPU."""
+    if requested:
+        device = torch.device(requested)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def get_obj_from_str(string, reload=False):
     module, cls = string.rsplit(".", 1)
     mod = importlib.import_module(module)

@@ -81,9 +81,8 @@ def resolve(args, stage, constants):
 
 
 def device_of(args):
-    if args.device:
-        return torch.device(args.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ldm.util import default_device
+    return default_device(args.device)
 
 
 def artifact_path(args, name):

@@ -50,28 +50,15 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-def _device(requested):
-    import torch
-
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def main(argv=None):
     args = parse_args(argv)
     from omegaconf import OmegaConf
 
     from ldm.generate import generate_samples
     from ldm.presets import get_preset, load_preset_model
-    from ldm.util import load_model_from_config
+    from ldm.util import default_device, load_model_from_config
 
-    device = _device(args.device)
-    if device.type == "cuda":
-        import torch
-        torch.cuda.set_device(device)
+    device = default_device(args.device)
     if args.preset:
         if args.config or args.ckpt:
             raise UserError("give either --preset or --config with --ckpt, not both")

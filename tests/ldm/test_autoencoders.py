@@ -4,7 +4,7 @@ import torch
 
 from ldm.models.autoencoder import AutoencoderKL, VQModelInterface
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from _ldm_refdata import load_vector, close
+from refdata import load_vector, close
 
 
 @pytest.fixture(scope="module")

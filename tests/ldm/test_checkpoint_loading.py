@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldm.util import UserError, load_checkpoint, load_model_from_config, load_state_dict_file
-from _ldm_refdata import load_composed, ref_dir, require
+from refdata import load_composed, ref_dir, require
 
 FIXTURE = "fixture_lightning_ckpt_format.ckpt"
 
@@ -131,7 +131,7 @@ def test_safetensors_round_trip_and_ema_weights(tmp_path, tiny):
 
 def test_first_stage_ckpt_path_tolerates_only_training_loss_keys(tmp_path):
     from ldm.models.autoencoder import AutoencoderKL
-    from _ldm_refdata import load_vector
+    from refdata import load_vector
     rec, sd = load_vector("c_autoencoder_kl_tiny")
     cfg = rec["config"]
     path = tmp_path / "kl.ckpt"

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from _ldm_refdata import load_vector, close
+from refdata import load_vector, close
 
 pytest.importorskip("transformers", reason="transformers not installed (optional [clip] extra)")
 

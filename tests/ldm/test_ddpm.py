@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.modules.ema import LitEma
-from _ldm_refdata import build_tiny_ldm, load_composed, ref_dir, require
+from refdata import build_tiny_ldm, load_composed, ref_dir, require
 
 
 def _schedule_only(linear_start, linear_end):

@@ -14,13 +14,6 @@ PRESET = get_preset("digits")
 needs_ckpt = pytest.mark.skipif(not os.path.isfile(PRESET.ckpt_path), reason="digits checkpoint not trained yet")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the machine is shared: one thread avoids OpenMP oversubscription stalls; restored afterwards
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from ldm.util import instantiate_from_config
-from _ldm_refdata import load_json
+from refdata import load_json
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = {

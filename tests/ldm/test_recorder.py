@@ -4,7 +4,7 @@ import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from _ldm_refdata import build_tiny_ldm, close_latent
+from refdata import build_tiny_ldm, close_latent
 
 
 class SeparateCallsDDIM(DDIMSampler):

@@ -6,7 +6,7 @@ import torch
 from ldm.modules.diffusionmodules.util import (make_beta_schedule, make_ddim_sampling_parameters,
                                                make_ddim_timesteps, noise_like)
 
-from _unet_refdata import ldm_reference_dir, require
+from refdata import ldm_reference_dir, require
 
 SETTINGS = ["linear_0.0015_0.0195", "linear_0.0015_0.0155", "linear_0.00085_0.012"]
 

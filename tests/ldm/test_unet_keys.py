@@ -7,7 +7,7 @@ import torch.nn as nn
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import AttentionBlock, QKVAttentionLegacy, ResBlock, UNetModel
 
-from _unet_refdata import load_json
+from refdata import load_json
 
 CONFIGS = ["cin256-v2", "lsun_bedrooms-ldm-vq-4", "celebahq-ldm-vq-4", "ffhq-ldm-vq-4", "lsun_churches-ldm-kl-8",
            "sd-v1-inference"]

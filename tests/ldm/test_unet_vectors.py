@@ -6,7 +6,7 @@ import torch
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
 
-from _unet_refdata import load_vector
+from refdata import load_vector
 
 VECTORS = ["a_unet_cin_tiny", "a2_unet_sd_tiny", "b_unet_bedrooms_tiny", "b2_unet_churches_tiny"]
 TOL = dict(rtol=1e-4, atol=1e-4)

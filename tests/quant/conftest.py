@@ -1,20 +1,13 @@
 import pytest
 import torch
 
-VECTORS = "/work/shared/reference/ldm/vectors/"
+from refdata import ref_dir, require
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tests run thousands of tiny ops; intra-op threads only add contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+VECTORS = f"{ref_dir()}/vectors/"
 
 
 def _tiny_cin():
-    d = torch.load(VECTORS + "a_unet_cin_tiny.pt", weights_only=True)
+    d = torch.load(require(ref_dir() / "vectors" / "a_unet_cin_tiny.pt"), weights_only=True)
     sd = {}
     for f in d["weights_files"]:
         sd.update(torch.load(VECTORS + f, weights_only=True)["state_dict"])

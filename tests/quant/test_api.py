@@ -11,7 +11,9 @@ from quant import (calibrate, convert_schedule, load_quantized, make_config, par
 from quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from quant.policy import SPECIAL_LAYERS, classify
 
-REF = "/work/shared/reference/ldm/configs/"
+from refdata import ref_dir
+
+REF = f"{ref_dir()}/configs/"
 TIMESTEPS = [1, 51, 101, 151]
 
 

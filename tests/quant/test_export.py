@@ -19,7 +19,9 @@ from quant.export import (PackedLayer, export_quantized, load_export, read_heade
                           theoretical_bytes)
 from quant.quantizer import init_max
 
-VEC = "/work/shared/reference/ldm/vectors"
+from refdata import ref_dir
+
+VEC = f"{ref_dir()}/vectors"
 TIMESTEPS = [1, 334, 667]
 
 

@@ -13,12 +13,6 @@ from test_quant_pipeline import DIGITS_CKPT, _script
 pytestmark = pytest.mark.skipif(not os.path.isfile(DIGITS_CKPT), reason="the shipped digits checkpoint is missing")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_export_samples_equal_fake_quant_samples(tmp_path):

@@ -20,12 +20,6 @@ needs_ckpt = pytest.mark.skipif(not HAVE_CKPT, reason="digits checkpoint not tra
 FAST = dict(ddim_steps=4, scale=3.0, seed=7, progress=False)  # few steps: these tests check plumbing
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: avoid OpenMP oversubscription
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,8 @@
-"""Reference data (shared/reference/ldm) for the LatentDiffusion / autoencoder / loader tests."""
+"""The shared reference data (reference/ldm, made with the original CompVis code) for every test package.
+
+Found at $MPQDM_SHARED, else at the `shared` directory beside the repository; a test whose file is absent is
+skipped with the path it looked for.
+"""
 import json
 import os
 from collections import OrderedDict
@@ -10,11 +14,14 @@ import torch
 
 def shared_dir() -> Path:
     env = os.environ.get("MPQDM_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared"
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared"
 
 
 def ref_dir() -> Path:
     return shared_dir() / "reference" / "ldm"
+
+
+ldm_reference_dir = ref_dir
 
 
 def require(path: Path) -> Path:
@@ -31,7 +38,7 @@ def _merge(files):
 
 
 def load_vector(name):
-    """vectors/<name>.pt and its merged weights."""
+    """vectors/<name>.pt and its state dict (weight parts merged in weights_files order)."""
     record = torch.load(require(ref_dir() / "vectors" / f"{name}.pt"), weights_only=True)
     return record, _merge(record["weights_files"])
 
