@@ -49,6 +49,7 @@ class FinetuneConfig:
     preview_classes: tuple = (88, 417)
     preview_seed: int = 0
     latent_shape: tuple = None          # default (model.channels, model.image_size, model.image_size)
+    lora_lr_scale: float = 1.0          # multiplies the LoRA groups' lr (recorded; set via param_groups)
     teacher: str = "same"               # label of the teacher weights (recorded; a resume must agree)
     student_id: str = ""                # identity of the naive student (e.g. a hash of its artifact meta)
     progress: bool = True

@@ -14,8 +14,12 @@ ACT_QUANT_LR = 5e-4
 WEIGHT_DECAY = 0.01
 
 
-def param_groups(qunet, method=None):
+def param_groups(qunet, method=None, lora_lr_scale=1.0):
     """Freeze the model, re-enable the trainable tensors, and return the AdamW groups.
+
+    lora_lr_scale multiplies every LoRA group's lr (1.0 = the paper's avg_Δ/2500). MPQ-DM's avg_Δ is taken in
+    the smoothed domain while LoRA updates the unsmoothed weight, so a layer's effective step is about s times
+    larger; on the digits model 0.1 is what keeps W2A4 fine-tuning from degrading the naive model.
 
     Also switches every temporal activation quantizer out of its shared state: from now on their entries may
     diverge, so every forward must carry a step index (QuantUNet does this from the timestep).
@@ -28,7 +32,7 @@ def param_groups(qunet, method=None):
             continue
         if layer.lora is not None:
             lora = [layer.lora.lora_A, layer.lora.lora_B]
-            groups.append({"params": lora, "lr": handler.lora_lr_delta(layer) / LORA_LR_DIVISOR,
+            groups.append({"params": lora, "lr": handler.lora_lr_delta(layer) / LORA_LR_DIVISOR * lora_lr_scale,
                            "weight_decay": WEIGHT_DECAY, "name": f"lora:{name}"})
         weight_q.append(layer.weight_quantizer.delta)
         if handler.train_weight_zero:

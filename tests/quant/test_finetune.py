@@ -256,3 +256,14 @@ def test_unconditional_model_trains_without_cfg():
     assert len(hist) == 2 and all(h["skipped"] == 0 and h["out"] > 0 and h["trd"] > 0 for h in hist)
     # eta > 0 trajectories are still a function of the epoch alone
     assert trajectory_loss(model, student, cfg, epoch=1) == trajectory_loss(model, student, cfg, epoch=1)
+
+
+def test_lora_lr_scale_scales_only_the_lora_groups(tiny_cin):
+    build, _ = tiny_cin
+    lrs = []
+    for scale in (1.0, 0.1):
+        qunet = quantize_(build(), make_config("mpqdm", w_bits=2, a_bits=4, lora_rank=4), [1, 501])
+        lrs.append({g["name"]: g["lr"] for g in param_groups(qunet, lora_lr_scale=scale)})
+    lora = [n for n in lrs[0] if n.startswith("lora:")]
+    assert lora and all(lrs[1][n] == pytest.approx(0.1 * lrs[0][n]) for n in lora)
+    assert all(lrs[1][n] == lrs[0][n] for n in lrs[0] if not n.startswith("lora:"))
