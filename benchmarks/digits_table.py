@@ -53,7 +53,8 @@ ABLATION_ROWS = [
          ft_flags=["--lora_lr_scale", "0.1"]),
 ]
 
-DEMO_ROWS = [MAIN_ROWS[0]] + [r for r in MAIN_ROWS if r["name"] in ("efficientdm-w2a4", "mpqdm-w2a4")]
+_BY_NAME = {r["name"]: r for r in MAIN_ROWS + ABLATION_ROWS}
+DEMO_ROWS = [_BY_NAME[n] for n in ("fp", "efficientdm-w2a4", "mpqdm-w2a4", "abl-mpqdm-lora01-w2a4")]
 
 PROFILES = {
     # the results table: about 45 minutes on 2 CPU cores with --jobs 2 (13 fine-tuning runs of 800 iterations)
@@ -68,7 +69,8 @@ PROFILES = {
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="full",
-                   help="full: every row of the results table; demo: FP, EfficientDM and MPQ-DM at W2A4 only")
+                   help="full: every row of the results table; demo: FP, EfficientDM and MPQ-DM (paper LoRA lr "
+                        "and x0.1) at W2A4 only")
     p.add_argument("--epochs", type=int, default=None,
                    help="fine-tuning epochs per run (20 optimizer steps each; default 16 full, 6 demo)")
     p.add_argument("--n_samples", type=int, default=None,
