@@ -151,17 +151,17 @@ def pack_layer(layer: QuantLayer):
 
 @torch.no_grad()
 def snap_zero_points_(qunet: QuantUNet):
-    """Set every weight zero point z to the integer ẑ the export would store (in place); afterwards the fake-
-    quantized model and its packed export agree bitwise. Returns the largest change of any quantized weight.
-    Use before the final evaluation when the evaluated model must be exactly the deployed one."""
+    """Round every weight zero point z to the nearest integer (in place); afterwards the fake-quantized model and
+    its packed export agree bitwise. Returns the largest change of any quantized weight.
+
+    With an integer zero point every clipped weight moves by |z − round(z)|·Δ and no other weight moves, so the
+    nearest integer is the best choice here. (_zero_choice, which may pick the other neighbour, is for exporting
+    a float-z model as is: its decode keeps the float z in the clamp, so only one clip side moves.)"""
     largest = 0.0
     for _, layer in qunet.quant_layers():
         before = layer.quantized_weight().detach()
         wq = layer.weight_quantizer
-        view = (-1,) + (1,) * (layer.weight.dim() - 1)
-        _, up, _ = _zero_choice(layer.merged_weight().detach(), wq.delta.view(view), wq.zero.view(view),
-                                wq.levels() - 1)
-        wq.zero.copy_(torch.floor(wq.zero) + up.to(wq.zero))
+        wq.zero.copy_(torch.round(wq.zero))
         layer.clear_cache()
         largest = max(largest, float((layer.quantized_weight().detach() - before).abs().max()))
     return largest
