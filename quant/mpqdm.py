@@ -64,8 +64,6 @@ class MPQDM(MethodHandler):
     def choose_bits(self, layer, x, w_s, config):
         """OMQ search (§7.4) -> (bits, m, errors)."""
         b = config.w_bits
-        if not config.omq:
-            return torch.full((w_s.shape[0],), b, dtype=torch.int32, device=w_s.device), 0, []
         fp_out = layer.fp_forward(x)
         m, bits, errors = omq.search(x, w_s, layer.smooth_input(x), fp_out, layer.fp_forward, b,
                                      omq.candidates(w_s.shape[0], config.omq_candidates))
@@ -74,7 +72,10 @@ class MPQDM(MethodHandler):
     @torch.no_grad()
     def init_weights(self, layer, x, config):
         w_s = layer.merged_weight()
-        bits, m, errors = self.choose_bits(layer, x, w_s, config)
+        if config.omq:
+            bits, m, errors = self.choose_bits(layer, x, w_s, config)
+        else:  # ablation: every channel at b bits
+            bits, m, errors = torch.full((w_s.shape[0],), config.w_bits, dtype=torch.int32, device=w_s.device), 0, []
         init = init_mse if config.weight_init == "mse" else init_max
         delta, zero = init(w_s, bits, per_channel=True)
         wq = layer.weight_quantizer
@@ -97,7 +98,4 @@ class MPQDMPlus(MPQDM):
     config_class = MPQDMPlusConfig
 
     def choose_bits(self, layer, x, w_s, config):
-        b = config.w_bits
-        if not config.omq:
-            return torch.full((w_s.shape[0],), b, dtype=torch.int32, device=w_s.device), 0, []
-        return omq.allocate_plus(omq.kurtosis(w_s), b), w_s.shape[0] // 10, []
+        return omq.allocate_plus(omq.kurtosis(w_s), config.w_bits), w_s.shape[0] // 10, []
