@@ -9,7 +9,8 @@ from functools import lru_cache
 import numpy as np
 
 from evaluation.digits_cnn import DigitsExtractor
-from evaluation.metrics import FeatureStats, conditional_accuracy, inception_score, precision_recall, psnr
+from evaluation.evaluate import ADM_IS_SPLIT, score_features
+from evaluation.metrics import FeatureStats, psnr
 from evaluation.npz_io import load_npz_array
 from evaluation.reference import reference_features
 from ldm.util import UserError
@@ -48,18 +49,11 @@ def digits_row_metrics(samples_npz, fp_npz):
         raise UserError(f"{samples_npz} and {fp_npz} are not drawn from the same noise and labels "
                         "(sample both with the same --n_samples, --batch_size and --seed)")
     ref = reference_features(REAL_REFERENCE, _extractor())
-    pool = FeatureStats.from_features(feats["pool"])
-    precision, recall = precision_recall(ref.pool, feats["pool"], k=3)
-    return {
-        "conditional_accuracy": conditional_accuracy(feats["logits"].argmax(axis=1), labels),
-        "FID": pool.frechet_distance(ref.pool_stats),
-        "FID_fp": pool.frechet_distance(FeatureStats.from_features(fp_feats["pool"])),
-        "PSNR_fp": psnr(images, fp_images),
-        "sFID": FeatureStats.from_features(feats["spatial"]).frechet_distance(ref.spatial_stats),
-        "IS": inception_score(feats["logits"], split_size=min(5000, len(images)))[0],
-        "precision": precision,
-        "recall": recall,
-    }
+    metrics = score_features(feats, ref, min(ADM_IS_SPLIT, len(images)), labels)
+    metrics["FID_fp"] = FeatureStats.from_features(feats["pool"]).frechet_distance(
+        FeatureStats.from_features(fp_feats["pool"]))
+    metrics["PSNR_fp"] = psnr(images, fp_images)
+    return metrics
 
 
 def format_metric(key, value):

@@ -41,6 +41,23 @@ def _labels(sample_path, n):
     return labels.astype(np.int64)
 
 
+def score_features(feats, ref, is_split_size, labels=None):
+    """IS, FID, sFID, precision, recall (+ conditional accuracy when labels are given) of extracted features
+    against a ReferenceFeatures; a metric the reference cannot support is None."""
+    is_mean, is_std = inception_score(feats["logits"], split_size=is_split_size)
+    fid = FeatureStats.from_features(feats["pool"]).frechet_distance(ref.pool_stats)
+    sfid = (FeatureStats.from_features(feats["spatial"]).frechet_distance(ref.spatial_stats)
+            if ref.spatial_stats is not None else None)
+    if ref.pool is not None:
+        precision, recall = precision_recall(ref.pool, feats["pool"], k=PR_K)
+    else:
+        precision = recall = None
+    metrics = {"IS": is_mean, "IS_std": is_std, "FID": fid, "sFID": sfid, "precision": precision, "recall": recall}
+    if labels is not None:
+        metrics["conditional_accuracy"] = conditional_accuracy(feats["logits"].argmax(axis=1), labels)
+    return metrics
+
+
 def evaluate_npz(ref_path, sample_path, extractor="digits", *, weights_path=None, batch_size=None, device="cpu",
                  is_split_size=None, use_cache=True, use_precomputed=True, progress=False, extractor_obj=None):
     """Metrics of the samples in `sample_path` (ADM .npz) against `ref_path` as a JSON-ready dict.
@@ -65,17 +82,7 @@ def evaluate_npz(ref_path, sample_path, extractor="digits", *, weights_path=None
     feats = extract_npz(sample_path, ext, progress=progress)
 
     split = int(is_split_size or (ADM_IS_SPLIT if extractor == "inception" else min(ADM_IS_SPLIT, n)))
-    is_mean, is_std = inception_score(feats["logits"], split_size=split)
-    fid = FeatureStats.from_features(feats["pool"]).frechet_distance(ref.pool_stats)
-    sfid = (FeatureStats.from_features(feats["spatial"]).frechet_distance(ref.spatial_stats)
-            if ref.spatial_stats is not None else None)
-    if ref.pool is not None:
-        precision, recall = precision_recall(ref.pool, feats["pool"], k=PR_K)
-    else:
-        precision = recall = None
-    metrics = {"IS": is_mean, "IS_std": is_std, "FID": fid, "sFID": sfid, "precision": precision, "recall": recall}
-    if labels is not None and extractor == "digits":
-        metrics["conditional_accuracy"] = conditional_accuracy(feats["logits"].argmax(axis=1), labels)
+    metrics = score_features(feats, ref, split, labels if extractor == "digits" else None)
 
     return {
         "metrics": metrics,
