@@ -67,7 +67,7 @@ def build_unet(config, ckpt):
 @torch.no_grad()
 def set_setting(qunet, setting, seed=0):
     """Per-channel bits for the setting and `max`-init Δ/z on every wrapped layer (no calibration search)."""
-    from quant import omq
+    from quant.methods import omq
     from quant.api import make_config
     from quant.quantizer import init_max
     b = int(setting[1]) if setting.startswith("W") else 2

@@ -67,10 +67,10 @@ def digits_model():
 def part_digits(args):
     from ldm.modules.diffusionmodules.util import make_ddim_timesteps
     from quant.api import make_config, quantize_
-    from quant.calibrate import calibrate
-    from quant.finetune import FinetuneConfig, guided_eps
-    from quant.optim import param_groups
-    from quant.trd import TRD
+    from quant.stages.calibrate import calibrate
+    from quant.stages.finetune import FinetuneConfig, guided_eps
+    from quant.stages.optim import param_groups
+    from quant.methods.trd import TRD
 
     model, source = digits_model()
     model.requires_grad_(False)

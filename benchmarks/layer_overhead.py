@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from quant import omq
+from quant.methods import omq
 from quant.layers import LayerSpec, QuantConv2d, QuantLinear
 from quant.quantizer import init_mse
 from quant.step import step_scope

@@ -88,8 +88,8 @@ def register_method(name):
 
 
 def _ensure_methods_loaded():
-    import quant.efficientdm  # noqa: F401  (registration side effect)
-    import quant.mpqdm  # noqa: F401
+    import quant.methods.efficientdm  # noqa: F401  (registration side effect)
+    import quant.methods.mpqdm  # noqa: F401
 
 
 def get_method(name):
@@ -162,7 +162,7 @@ def quantize_(unet, config, timesteps):
     """Swap the UNet's layers in place according to the policy and return the wrapping QuantUNet.
 
     timesteps: the sampling schedule (one entry per step; its length S sizes the temporal quantizers).
-    Quantizer state has fixed shapes; scales are set by ``quant.calibrate.calibrate`` or by loading a state dict.
+    Quantizer state has fixed shapes; scales are set by ``quant.stages.calibrate.calibrate`` or by loading a state dict.
     """
     if not isinstance(config, QuantConfig):
         raise UserError(f"expected a QuantConfig, got {type(config).__name__}.")

@@ -83,7 +83,7 @@ def main(argv=None):
         raise UserError("--n_calib and --train_steps must be positive.")
 
     from quant.api import make_config, quantize_
-    from quant.calibrate import calibrate
+    from quant.stages.calibrate import calibrate
 
     config = make_config(args.method, **method_options(args))  # validates (UserError on a bad combination)
     model, ident = load_fp_model(args)

@@ -71,8 +71,8 @@ def main(argv=None):
     if args.epochs < 1 or args.batch_size < 1:
         raise UserError("--epochs and --batch_size must be positive.")
 
-    from quant.finetune import FinetuneConfig, FinetuneDiverged, finetune
-    from quant.optim import param_groups
+    from quant.stages.finetune import FinetuneConfig, FinetuneDiverged, finetune
+    from quant.stages.optim import param_groups
 
     model, ident = load_fp_model(args)
     naive = load_stage_artifact(args, "naive", ident)

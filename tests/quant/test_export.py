@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util import UserError
-from quant import omq
+from quant.methods import omq
 from quant.activation import TemporalActQuantizer
 from quant.api import get_method, make_config, quantize_
 from quant.export import (PackedLayer, export_quantized, load_export, read_header, snap_zero_points_,

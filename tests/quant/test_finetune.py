@@ -10,10 +10,10 @@ from ldm.modules.diffusionmodules.util import make_ddim_timesteps
 from ldm.util import UserError, instantiate_from_config
 from quant.api import make_config, quantize_
 from quant.artifacts import check_meta, config_hash, load_artifact, save_artifact
-from quant.calibrate import calibrate
-from quant.finetune import (FinetuneConfig, FinetuneDiverged, guided_eps, finetune, trajectory_loss)
-from quant.optim import param_groups
-from quant.trd import TRD
+from quant.stages.calibrate import calibrate
+from quant.stages.finetune import (FinetuneConfig, FinetuneDiverged, guided_eps, finetune, trajectory_loss)
+from quant.stages.optim import param_groups
+from quant.methods.trd import TRD
 
 STEPS = 4
 

@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from quant.api import get_method, make_config
-from quant.calibrate import calibrate_layer
+from quant.stages.calibrate import calibrate_layer
 from quant.layers import LayerSpec, QuantConv2d, QuantLinear
 from quant.quantizer import init_max
 from quant.step import step_scope

@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import stats
 
-from quant import omq
+from quant.methods import omq
 
 
 def test_kurtosis_plain_pearson_with_unbiased_sigma():

@@ -1,4 +1,4 @@
-"""Property tests for quant.packing: exact round trips, byte-exact sizes, and the documented bit layout."""
+"""Property tests for quant.export.packing: exact round trips, byte-exact sizes, and the documented bit layout."""
 import math
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from quant.packing import pack_rows, pack_uint, packed_nbytes, unpack_rows, unpack_uint
+from quant.export.packing import pack_rows, pack_uint, packed_nbytes, unpack_rows, unpack_uint
 
 # Shape classes of the UNet's weights: Linear [Cout, Cin], Conv 1x1 and 3x3 [Cout, Cin, k, k], plus odd sizes.
 SHAPE = st.one_of(

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ldm.util import UserError
-from quant.trd import TRD, feature_block, relation_kl
+from quant.methods.trd import TRD, feature_block, relation_kl
 
 
 class _ToyUNet(nn.Module):

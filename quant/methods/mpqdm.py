@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from ldm.util import UserError
-from quant import omq
+from quant.methods import omq
 from quant.api import MethodHandler, QuantConfig, register_method
 from quant.quantizer import init_max, init_mse
 

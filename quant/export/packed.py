@@ -1,7 +1,7 @@
 """Truly packed export of a quantized UNet: ONE safetensors file, integer weights at their real bit widths.
 
 File content (tensor keys are exactly the state-dict keys of the QuantUNet that ``load_export`` rebuilds):
-- per quantized layer ``unet.<name>.``: ``qweight`` (uint8 dense bit stream, quant.packing per-row layout:
+- per quantized layer ``unet.<name>.``: ``qweight`` (uint8 dense bit stream, quant.export.packing per-row layout:
   output channel o holds Cin·kh·kw codes of bits[o] bits, rows back to back, LSB first), ``wtags`` (per-channel
   tags packed at 4 bits: bits-1 in bits 0..2, bit 3 = zero point rounded up), ``w_delta``/``w_zero`` (float32
   per channel), ``smooth`` (only for smoothing layers), ``bias``, ``act_quantizer.*`` (per-step or single Δ/z);
@@ -38,7 +38,7 @@ from ldm.util import UserError, atomic_write_bytes
 from quant.api import QuantUNet, config_from_dict, quantize_
 from quant.artifacts import config_hash, plain, toolkit_version
 from quant.layers import QuantLayer
-from quant.packing import pack_rows, pack_uint, unpack_rows, unpack_uint
+from quant.export.packing import pack_rows, pack_uint, unpack_rows, unpack_uint
 
 FORMAT = "mpqdm-packed-unet"
 FORMAT_VERSION = 1
@@ -232,7 +232,7 @@ def export_quantized(qunet: QuantUNet, path, unet_config=None, float_dtype="floa
         "model_config_hash": None if unet_config is None else config_hash(normalize_unet_config(unet_config)),
         "layer_policy": dict(classify_names(qunet)),
         "layers": layouts, "float_dtype": float_dtype, "tag_bits": TAG_BITS,
-        "packing": "rows back to back, per-row bit width, LSB-first dense bit stream (quant.packing)",
+        "packing": "rows back to back, per-row bit width, LSB-first dense bit stream (quant.export.packing)",
         "sha256": _digest(tensors),
         "extra": plain(extra_meta or {}),
     }

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
 from ldm.util import UserError, atomic_save
 from quant.artifacts import check_meta, plain
-from quant.trd import TRD
+from quant.methods.trd import TRD
 
 
 @dataclasses.dataclass

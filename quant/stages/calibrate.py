@@ -10,7 +10,7 @@ import contextlib
 import torch
 
 from quant.api import get_method
-from quant.omq import smoothing_factors
+from quant.methods.omq import smoothing_factors
 from quant.quantizer import init_max, init_mse
 
 

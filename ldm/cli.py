@@ -1,0 +1,96 @@
+"""Command-line contract shared by every script: flags validated at parse time, one sentence per user error.
+
+Every script builds its parser with ``ArgumentParser`` from here and gives each numeric flag one of the
+``type=`` validators below, so a bad value (negative, zero, NaN, out of range) is refused while parsing, before
+any model is loaded or any file is written. ``ArgumentParser.error`` prints ``error: <one sentence>`` and exits
+with status 2 (argparse's default would print the usage block too).
+"""
+import argparse
+import math
+import sys
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the toolkit's error contract: one sentence on stderr, exit status 2, nothing else."""
+
+    def error(self, message):
+        text = message.rstrip(".")
+        print(f"error: {text}; see {self.prog} --help.", file=sys.stderr)
+        sys.exit(2)
+
+
+def _number(text, kind):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        name = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+
+
+def _finite(text):
+    value = _number(text, float)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def nonneg_int(text):
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def finite_float(text):
+    return _finite(text)
+
+
+def positive_float(text):
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def nonneg_float(text):
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def probability(text):
+    """A number in [0, 1]."""
+    value = _finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def int_in(lo, hi):
+    """type= validator for an integer in [lo, hi]."""
+    def check(text):
+        value = _number(text, int)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer between {lo} and {hi}, got {text!r}")
+        return value
+    check.__name__ = f"int_in_{lo}_{hi}"
+    return check
+
+
+def float_in(lo, hi):
+    """type= validator for a finite number in [lo, hi]."""
+    def check(text):
+        value = _finite(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected a number between {lo} and {hi}, got {text!r}")
+        return value
+    check.__name__ = f"float_in_{lo}_{hi}"
+    return check
