@@ -11,7 +11,6 @@ Both stages write resumable checkpoints to --work_dir; rerunning the same comman
 The result is a CompVis-style container {"state_dict", "global_step", "epoch", ...} at --out.
 """
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -22,73 +21,59 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from ldm.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, probability  # noqa: E402
 from ldm.util import UserError, atomic_save, cli_main, instantiate_from_config  # noqa: E402
+from ldm.training import absolutize, load_state, lr_at, state_dict_sha256  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VQ_ARGS = ("seed", "config", "vq_steps", "vq_batch_size", "vq_lr", "vq_ae_steps", "vq_restart_every")
-LDM_ARGS = VQ_ARGS + ("ldm_steps", "ldm_batch_size", "ldm_lr", "ldm_warmup", "cond_drop", "ema_decay")
+LDM_ARGS = VQ_ARGS + ("ldm_steps", "ldm_batch_size", "ldm_lr", "ldm_warmup", "cond_drop", "ema_decay",
+                      "weight_decay")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/latent-diffusion/digits-ldm-vq-4.yaml",
                    help="model config (LatentDiffusion with a VQModelInterface first stage and a ClassEmbedder)")
     p.add_argument("--out", default="models/ldm/digits-ldm-vq-4/model.ckpt",
                    help="where the final checkpoint is written (atomically)")
     p.add_argument("--work_dir", default="runs/train_digits/",
                    help="folder for the resumable per-stage checkpoints; rerun with the same flags to continue")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batches, timesteps and noise")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed of the initialisation, batches, timesteps and noise")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads; 1 by default because on a shared 2-core machine 2 OpenMP threads were "
                         "measured up to 10x slower (oversubscription); results depend on it (float summation order)")
-    p.add_argument("--vq_steps", type=int, default=400, help="optimizer steps of the autoencoder stage")
-    p.add_argument("--vq_batch_size", type=int, default=32, help="images per autoencoder step")
-    p.add_argument("--vq_lr", type=float, default=2e-3, help="peak Adam learning rate of the autoencoder")
-    p.add_argument("--vq_ae_steps", type=int, default=100,
+    p.add_argument("--vq_steps", type=positive_int, default=400, help="optimizer steps of the autoencoder stage")
+    p.add_argument("--vq_batch_size", type=positive_int, default=32, help="images per autoencoder step")
+    p.add_argument("--vq_lr", type=positive_float, default=2e-3, help="peak Adam learning rate of the autoencoder")
+    p.add_argument("--vq_ae_steps", type=nonneg_int, default=100,
                    help="first steps trained as a plain autoencoder; then the codebook is initialised from "
                         "encoder outputs and quantisation switches on")
-    p.add_argument("--vq_restart_every", type=int, default=50,
+    p.add_argument("--vq_restart_every", type=positive_int, default=50,
                    help="every this many steps, codebook entries unused since the last check are re-seeded "
                         "from encoder outputs (avoids dead codes)")
-    p.add_argument("--ldm_steps", type=int, default=3000, help="optimizer steps of the diffusion stage")
-    p.add_argument("--ldm_batch_size", type=int, default=128, help="latents per diffusion step")
-    p.add_argument("--ldm_lr", type=float, default=1e-3,
+    p.add_argument("--ldm_steps", type=positive_int, default=3000, help="optimizer steps of the diffusion stage")
+    p.add_argument("--ldm_batch_size", type=positive_int, default=128, help="latents per diffusion step")
+    p.add_argument("--ldm_lr", type=positive_float, default=1e-3,
                    help="peak AdamW learning rate of the UNet + class embedder (cosine decay to 5%%)")
-    p.add_argument("--ldm_warmup", type=int, default=200, help="linear learning-rate warm-up steps")
-    p.add_argument("--cond_drop", type=float, default=0.1,
+    p.add_argument("--ldm_warmup", type=nonneg_int, default=200, help="linear learning-rate warm-up steps")
+    p.add_argument("--cond_drop", type=probability, default=0.1,
                    help="probability that a label is replaced by the null class (classifier-free guidance)")
-    p.add_argument("--ema_decay", type=float, default=0.999, help="EMA decay of the exported weights")
-    p.add_argument("--ckpt_every", type=int, default=500, help="steps between resumable checkpoints")
-    p.add_argument("--eval_samples", type=int, default=1000,
+    p.add_argument("--ema_decay", type=probability, default=0.999, help="EMA decay of the exported weights")
+    p.add_argument("--weight_decay", type=nonneg_float, default=0.01,
+                   help="AdamW decoupled weight decay of the UNet + class embedder (0 turns it off)")
+    p.add_argument("--ckpt_every", type=positive_int, default=500, help="steps between resumable checkpoints")
+    p.add_argument("--export_every", type=nonneg_int, default=0,
+                   help="also write the EMA weights every this many diffusion steps to work_dir/model_step<N>.ckpt "
+                        "(a training-length trajectory; no effect on training; 0: only the final --out)")
+    p.add_argument("--eval_samples", type=nonneg_int, default=1000,
                    help="after training, sample this many images (DDIM 20, eta 0, scale 3) and print the digits "
                         "CNN's conditional accuracy; 0 skips it")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
-    for name in ("config", "out", "work_dir"):
-        value = getattr(args, name)
-        if not os.path.isabs(value):
-            setattr(args, name, os.path.join(REPO_ROOT, value))
+    absolutize(args, ("config", "out", "work_dir"), REPO_ROOT)
     return args
-
-
-def lr_at(step, peak, total, warmup):
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def load_state(path, args, keys):
-    """The stage checkpoint if present; refuses one made with other training arguments."""
-    if not os.path.isfile(path):
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    wanted = {k: getattr(args, k) for k in keys}
-    if state["args"] != wanted:
-        diff = [k for k in keys if state["args"].get(k) != wanted[k]]
-        raise UserError(f"{path} was made with different training arguments ({', '.join(diff)}); rerun with "
-                        f"them or use a fresh --work_dir")
-    return state
 
 
 def build_config(args):
@@ -229,7 +214,7 @@ def train_ldm(args, model_cfg, images, labels, vq_state):
     if not 0.5 < float(z.std()) < 2.0:
         raise RuntimeError(f"latent std {float(z.std()):.3f} is not O(1); the first stage is badly scaled")
     trainable = list(model.model.parameters()) + list(model.cond_stage_model.parameters())
-    opt = torch.optim.AdamW(trainable, lr=args.ldm_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(trainable, lr=args.ldm_lr, weight_decay=args.weight_decay)
     ema = [p.detach().clone() for p in trainable]
     gen = torch.Generator().manual_seed(args.seed + 2)
     step, elapsed = 0, 0.0
@@ -274,6 +259,9 @@ def train_ldm(args, model_cfg, images, labels, vq_state):
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % args.ckpt_every == 0 and step < args.ldm_steps:
             snapshot()
+        if args.export_every and step % args.export_every == 0 and step < args.ldm_steps:
+            write_checkpoint(args, ema_state_dict(model, ema), os.path.join(args.work_dir, f"model_step{step}.ckpt"),
+                             step, vq_state, elapsed + time.time() - t0, float(z.std()), len(images))
     bar.close()
     snapshot(done=True)
     elapsed += time.time() - t0
@@ -284,19 +272,39 @@ def train_ldm(args, model_cfg, images, labels, vq_state):
     return model, elapsed, float(z.std())
 
 
-def export(args, model, vq_state, ldm_elapsed, latent_std, n_train):
-    state_dict = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    ckpt = {"state_dict": state_dict, "global_step": args.ldm_steps,
-            "epoch": args.ldm_steps * args.ldm_batch_size // n_train,
+def trainable_names(model):
+    """State-dict names of the trained parameters, in the order train_ldm lists them."""
+    return ([f"model.{n}" for n, _ in model.model.named_parameters()] +
+            [f"cond_stage_model.{n}" for n, _ in model.cond_stage_model.named_parameters()])
+
+
+def ema_state_dict(model, ema):
+    """The model's state dict with the EMA weights in place of the trained ones (copies; training is untouched)."""
+    shadow = dict(zip(trainable_names(model), ema))
+    return {k: shadow.get(k, v).detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def write_checkpoint(args, state_dict, path, step, vq_state, ldm_elapsed, latent_std, n_train):
+    """CompVis-style container {"state_dict", "global_step", "epoch", "training"} written atomically."""
+    digest = state_dict_sha256(state_dict)
+    ckpt = {"state_dict": state_dict, "global_step": step, "epoch": step * args.ldm_batch_size // n_train,
             "training": {"script": "scripts/train_digits_ldm.py", "data": "ldm.data.digits train split",
                          "seed": args.seed, "threads": args.threads,
                          "args": {k: getattr(args, k) for k in LDM_ARGS if k != "config"},
                          "vq_seconds": round(vq_state["elapsed"], 1), "ldm_seconds": round(ldm_elapsed, 1),
-                         "latent_std": latent_std, "vq_stats": vq_state.get("stats", {}), "ema_exported": True}}
-    atomic_save(ckpt, args.out)
+                         "latent_std": latent_std, "vq_stats": vq_state.get("stats", {}), "ema_exported": True,
+                         "state_dict_sha256": digest}}
+    atomic_save(ckpt, path)
+    return digest
+
+
+def export(args, model, vq_state, ldm_elapsed, latent_std, n_train):
+    state_dict = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    digest = write_checkpoint(args, state_dict, args.out, args.ldm_steps, vq_state, ldm_elapsed, latent_std, n_train)
     size = os.path.getsize(args.out) / 2 ** 20
     print(f"wrote {args.out} ({size:.2f} MiB); training wall time: VQ {vq_state['elapsed']:.0f} s + "
-          f"LDM {ldm_elapsed:.0f} s = {vq_state['elapsed'] + ldm_elapsed:.0f} s", flush=True)
+          f"LDM {ldm_elapsed:.0f} s = {vq_state['elapsed'] + ldm_elapsed:.0f} s; state dict sha256 {digest}",
+          flush=True)
 
 
 def evaluate(args, model):
