@@ -1,4 +1,6 @@
 """Conditioning encoders: ClassEmbedder (class-conditional LDMs) and FrozenCLIPEmbedder (Stable Diffusion v1)."""
+import os
+
 import torch
 import torch.nn as nn
 
@@ -56,12 +58,23 @@ def _text_model(tf, config):
     return model if isinstance(getattr(model, "text_model", None), nn.Module) else _TextModelHolder(model)
 
 
+def _local_tokenizer_dir(version):
+    """`version` as a local tokenizer folder (absolute, or relative to the working directory or to the repository
+    root, so a config can name a shipped tokenizer), else None (a Hugging Face id)."""
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    for path in (version, os.path.join(repo_root, version)):
+        if os.path.isfile(os.path.join(path, "vocab.json")):
+            return path
+    return None
+
+
 class FrozenCLIPEmbedder(AbstractEncoder):
     """CLIP text encoder whose last hidden state ([B, 77, 768]) is the SD v1 cross-attention context.
 
     The text model is built from the ViT-L/14 config rather than downloaded: the SD checkpoint carries its
-    weights (`cond_stage_model.transformer.text_model.*`). The tokenizer is loaded lazily from `version`
-    (the Hugging Face cache), only when text strings are encoded; token-id tensors can be passed directly.
+    weights (`cond_stage_model.transformer.text_model.*`). The tokenizer is loaded lazily from `version` (a local
+    folder with vocab.json and merges.txt, absolute or relative to the repository root, else a Hugging Face id from
+    its cache), only when text strings are encoded; token-id tensors can be passed directly.
     """
 
     def __init__(self, version="openai/clip-vit-large-patch14", device=None, max_length=77, text_config=None,
@@ -90,11 +103,15 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     def tokenizer(self):
         if self._tokenizer is None:
             tf = _transformers()
+            source = _local_tokenizer_dir(self.version) or self.version
             try:
-                self._tokenizer = tf.CLIPTokenizer.from_pretrained(self.version)
+                self._tokenizer = tf.CLIPTokenizer.from_pretrained(source)
             except Exception as err:  # offline / not cached
                 raise UserError(f"could not load the CLIP tokenizer {self.version!r} ({type(err).__name__}); "
-                                "run once with internet access so the Hugging Face cache holds it.") from err
+                                "install the clip extra (`pip install -e .[clip]`) and put the tokenizer files "
+                                "(vocab.json, merges.txt) of openai/clip-vit-large-patch14 in a folder passed as "
+                                "cond_stage_config.params.version, or fill the Hugging Face cache by running once "
+                                "with internet access.") from err
         return self._tokenizer
 
     def tokenize(self, text):
