@@ -1,0 +1,35 @@
+"""Post-training reconstruction (Q-Diffusion's core, shared with TFMQ-DM and EDA-DM): AdaRound weights and block /
+layer reconstruction, streamed unit by unit with a bounded cache, resumable per unit.
+
+Entry point for quant_scripts/02: ``run_ptq(fp_unet, config, calib, run_dir, timesteps, ...)`` -> QuantUNet.
+Pieces: ``units`` (what a unit is, forward order), ``cache`` (bounded micro-batch cache), ``solver`` (Adam over a
+unit), ``objectives`` (what is trained and the loss), ``driver`` (the streaming walk), ``state`` (resume),
+``act_init`` (activation init + running statistics), ``ptq`` (the session a PTQ method composes).
+"""
+from ldm.util import UserError
+
+
+def run_ptq(fp_unet, config, calib, run_dir, timesteps, progress=False, model_id=None):
+    """Quantize and reconstruct ``fp_unet`` (left unchanged; a copy is quantized on the same device) with a
+    post-training method's config.
+
+    calib: a loaded calib.pt artifact ({"meta", "x", "t", "context"?}); the method selects its rows
+    (Q-Diffusion: cali_st steps x cali_n samples). run_dir: where the resumable state (``recon/``) lives.
+    timesteps: the sampling schedule recorded in the model's meta. model_id: an identity of the FP model for the
+    resume fingerprint (default: ldm.generate.model_fingerprint). Returns the QuantUNet; its ``ptq_log``
+    attribute holds per-unit losses and stage times.
+    """
+    from quant.api import get_method
+    from quant.calib_select import select_calibration
+    from quant.reconstruct.ptq import PTQSession
+
+    _, handler = get_method(config.method)
+    if getattr(handler, "training", None) != "ptq":
+        raise UserError(f"method {config.method!r} is not a post-training method; quantize it with the naive "
+                        "calibration stage instead.")
+    rows = select_calibration(calib, config.cali_st, config.cali_n)
+    session = PTQSession(fp_unet, config, rows, run_dir, timesteps, model_id=model_id, progress=progress,
+                         unit_classes=getattr(handler, "unit_classes", None))
+    qunet = handler.run_ptq(session)
+    qunet.ptq_log = session.log
+    return qunet
