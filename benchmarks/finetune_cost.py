@@ -6,14 +6,21 @@ Part 1 (default, digits model; random weights with the digits config if the chec
   - the quantized UNet's eval forward vs the FP forward (sampling cost).
 Part 2 (--cin_smoke, heavy: run only on an idle machine): quant_scripts 01 -> 04 on a cin256-v2-size LDM with
 random weights (2 calibration steps, a 2-step schedule with 1 epoch of B=1, 1 sample), each stage in its own
-process, reporting wall time and peak RSS (os.wait4 rusage ru_maxrss) per stage.
+process on --device, reporting wall time, peak RSS (os.wait4 rusage ru_maxrss) and, on CUDA, the stage's
+torch.cuda.max_memory_allocated; exits non-zero when a stage fails (benchmarks/gpu_check.sh relies on it).
+
+--measure SCRIPT ARGS...: run one script in this process and print `[measure] SCRIPT: exit E, wall W s, peak CUDA
+C MiB, peak RSS R MiB` (the per-step line of benchmarks/gpu_check.sh); the exit status is the script's.
 
     .venv/bin/python benchmarks/finetune_cost.py [--threads 2] [--method mpqdm --w 2 --a 4]
-    .venv/bin/python benchmarks/finetune_cost.py --cin_smoke --work_dir /tmp/cin_smoke
+    .venv/bin/python benchmarks/finetune_cost.py --cin_smoke --work_dir /tmp/cin_smoke [--device cuda]
+    .venv/bin/python benchmarks/finetune_cost.py --measure quant_scripts/01_collect_input_4_calib.py --preset digits ...
 """
 import argparse
 import copy
 import os
+import resource
+import runpy
 import statistics
 import subprocess
 import sys
@@ -142,6 +149,33 @@ def part_digits(args):
     print(f"quantized eval forward       {t_q * 1e3:9.1f} ms  = {t_q / t_fp:5.2f}x FP forward ({t_fp * 1e3:.1f} ms)")
 
 
+def measure(argv):
+    """Run the script argv[0] with arguments argv[1:] in this process (as `python SCRIPT ARGS`), then print its
+    wall time, peak CUDA memory and peak RSS; exit with the script's status."""
+    if not argv:
+        raise SystemExit("--measure needs a script path")
+    script = argv[0]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # what `python SCRIPT` puts first
+    sys.argv = list(argv)
+    start, code = time.perf_counter(), 1
+    try:
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:  # also after a traceback, so a failing step still reports
+        cuda = (f"{torch.cuda.max_memory_allocated() / 2 ** 20:.1f} MiB"
+                if torch.cuda.is_available() and torch.cuda.is_initialized() else "n/a")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        line = (f"[measure] {script}: exit {code}, wall {time.perf_counter() - start:.1f} s, peak CUDA {cuda}, "
+                f"peak RSS {rss:.0f} MiB")
+        print(line, flush=True)
+        if os.environ.get("GPU_CHECK_MEASURE_FILE"):  # benchmarks/gpu_check.sh collects the lines here
+            with open(os.environ["GPU_CHECK_MEASURE_FILE"], "a") as fh:
+                fh.write(line + "\n")
+    sys.exit(code)
+
+
 def _run_stage(cmd, env):
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
@@ -164,7 +198,7 @@ def part_cin_smoke(args):
         torch.save({"state_dict": model.state_dict()}, ckpt)
         del model
     common = ["--preset", "cin256-v2", "--config", CIN_CONFIG, "--ckpt", ckpt, "--run_dir", os.path.join(work, "run"),
-              "--device", "cpu", "--no_progress"]
+              "--device", args.device, "--no_progress"]
     py, qs = sys.executable, os.path.join(REPO, "quant_scripts")
     stages = [
         ("01 calibration", [f"{qs}/01_collect_input_4_calib.py", "--calib_steps", "2", "--calib_batch", "1"]),
@@ -174,15 +208,17 @@ def part_cin_smoke(args):
         ("04 sampling", [f"{qs}/04_sample_lora_model.py", "--n_samples", "1", "--batch_size", "1", "--classes", "1"]),
     ]
     env = dict(os.environ)
-    print(f"cin256-v2-size smoke run in {work} (random weights)")
+    print(f"cin256-v2-size smoke run in {work} (random weights, device {args.device})")
     for name, cmd in stages:
-        code, secs, rss = _run_stage([py] + cmd + common, env)
-        print(f"{name:16s} exit {code}  {secs:7.1f} s  peak RSS {rss:8.0f} MiB")
+        code, secs, rss = _run_stage([py, os.path.abspath(__file__), "--measure"] + cmd + common, env)
+        print(f"{name:16s} exit {code}  {secs:7.1f} s  peak RSS {rss:8.0f} MiB", flush=True)
         if code != 0:
-            break
+            sys.exit(f"cin256-v2-size smoke: stage {name} failed with exit status {code}")
 
 
 def main():
+    if sys.argv[1:2] == ["--measure"]:
+        return measure(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="mpqdm", choices=["efficientdm", "mpqdm", "mpqdm+"])
     p.add_argument("--w", type=int, default=2, help="weight bits")
@@ -193,6 +229,7 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--cin_smoke", action="store_true", help="run part 2 (heavy) instead of part 1")
     p.add_argument("--work_dir", default=None, help="part 2 working directory (random checkpoint, run dir)")
+    p.add_argument("--device", default="cpu", help="part 2: torch device of the stages (cpu, cuda, cuda:N)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

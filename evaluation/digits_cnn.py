@@ -60,18 +60,23 @@ def load_digits_cnn(path=None, map_location="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"digits classifier weights not found at {path}; run scripts/train_digits_classifier.py "
                         f"to create them")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state = load_file(path, device=str(map_location))
-        meta = read_digits_cnn_metadata(path)
-        width = int(json.loads(meta.get("config", "{}")).get("width", 32))
-    else:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-        state = obj.get("state_dict", obj)
-        width = int(obj.get("meta", {}).get("width", 32)) if isinstance(obj.get("meta"), dict) else 32
-    model = DigitsCNN(width=width)
-    model.load_state_dict(state)
+            state = load_file(path, device=str(map_location))
+            meta = read_digits_cnn_metadata(path)
+            width = int(json.loads(meta.get("config", "{}")).get("width", 32))
+        else:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+            state = obj.get("state_dict", obj)
+            width = int(obj.get("meta", {}).get("width", 32)) if isinstance(obj.get("meta"), dict) else 32
+        model = DigitsCNN(width=width)
+        model.load_state_dict(state)
+    except Exception as err:  # damaged file, another network's weights, a non-weights file
+        raise UserError(f"{path} is not a readable digits classifier ({type(err).__name__}); pass the shipped "
+                        "models/evaluation/digits_cnn.safetensors or re-train with "
+                        "scripts/train_digits_classifier.py") from None
     return model.eval().requires_grad_(False)
 
 
@@ -83,6 +88,7 @@ class DigitsExtractor:
     def __init__(self, path=None, batch_size=500, device="cpu"):
         self.weights_path = path or DEFAULT_DIGITS_CNN_PATH
         self.model = load_digits_cnn(self.weights_path).to(device)
+        self.num_classes = int(self.model.fc.out_features)
         self.batch_size = batch_size
         self.device = device
 

@@ -18,7 +18,7 @@ from evaluation.npz_io import check_image_array, file_sha256, iter_npz_batches, 
 from ldm.util import UserError, atomic_write_bytes
 
 DIGITS_REFERENCES = {"digits-train": "train", "digits-heldout": "heldout"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key says whether precomputed statistics were allowed; per-statistic sources
 
 
 @dataclass
@@ -52,12 +52,14 @@ def _digits_reference(name, extractor):
     images, _ = load_digits_split(DIGITS_REFERENCES[name])
     feats = extractor(to_uint8(images))
     return ReferenceFeatures(FeatureStats.from_features(feats["pool"]), FeatureStats.from_features(feats["spatial"]),
-                             feats["pool"], {"path": name, "source": "images", "num_images": len(images)})
+                             feats["pool"], {"path": name, "source": "images", "fid_source": "images",
+                                             "sfid_source": "images", "num_images": len(images)})
 
 
 def _save_cache(path, ref: ReferenceFeatures):
     arrays = {"version": np.int64(CACHE_VERSION), "mu": ref.pool_stats.mu, "sigma": ref.pool_stats.sigma,
               "n": np.int64(ref.pool_stats.n), "source": np.array(ref.info["source"]),
+              "fid_source": np.array(ref.info["fid_source"]), "sfid_source": np.array(ref.info["sfid_source"]),
               "num_images": np.int64(ref.info["num_images"])}
     if ref.pool_stats.factor is not None:
         arrays["factor"] = ref.pool_stats.factor
@@ -81,7 +83,8 @@ def _load_cache(path, info):
             return None
         opt = lambda key: d[key] if key in d.files else None  # noqa: E731
         spatial = FeatureStats(d["mu_s"], d["sigma_s"], int(d["n_s"]), opt("factor_s")) if "mu_s" in d.files else None
-        info = dict(info, source=str(d["source"]), num_images=int(d["num_images"]), cache=path)
+        info = dict(info, source=str(d["source"]), fid_source=str(d["fid_source"]), sfid_source=str(d["sfid_source"]),
+                    num_images=int(d["num_images"]), cache=path)
         return ReferenceFeatures(FeatureStats(d["mu"], d["sigma"], int(d["n"]), opt("factor")), spatial,
                                  d["pool"] if "pool" in d.files else None, info)
 
@@ -93,7 +96,10 @@ def reference_features(ref, extractor, use_cache=True, use_precomputed=True, pro
     keys = npz_keys(ref)
     digest = file_sha256(ref)
     info = {"path": os.path.abspath(ref), "sha256": digest}
-    cache_path = f"{ref}.{extractor_cache_key(extractor)}-{digest[:12]}.cache.npz"
+    # the key holds everything the statistics depend on: extractor weights, file content, and whether the
+    # file's precomputed statistics may be used (a --no-precomputed run must not serve later default runs)
+    mode = "precomputed-allowed" if use_precomputed else "images-only"
+    cache_path = f"{ref}.{extractor_cache_key(extractor)}-{digest[:12]}-{mode}.cache.npz"
     if use_cache and os.path.isfile(cache_path):
         cached = _load_cache(cache_path, info)
         if cached is not None:
@@ -106,16 +112,23 @@ def reference_features(ref, extractor, use_cache=True, use_precomputed=True, pro
     if precomputed:
         pool_stats = FeatureStats(load_npz_array(ref, "mu").astype(np.float64),
                                   load_npz_array(ref, "sigma").astype(np.float64), 0)
-        spatial_stats = (FeatureStats(load_npz_array(ref, "mu_s").astype(np.float64),
-                                      load_npz_array(ref, "sigma_s").astype(np.float64), 0)
-                         if {"mu_s", "sigma_s"} <= set(keys) else
-                         FeatureStats.from_features(feats["spatial"]) if feats is not None else None)
-        source = "precomputed"
+        fid_source = "precomputed"
+        if {"mu_s", "sigma_s"} <= set(keys):
+            spatial_stats = FeatureStats(load_npz_array(ref, "mu_s").astype(np.float64),
+                                         load_npz_array(ref, "sigma_s").astype(np.float64), 0)
+            sfid_source = "precomputed"
+        elif feats is not None:  # the file has no spatial statistics: sFID from its images, and the label says so
+            spatial_stats, sfid_source = FeatureStats.from_features(feats["spatial"]), "images"
+        else:
+            spatial_stats, sfid_source = None, "none"
     else:
         pool_stats = FeatureStats.from_features(feats["pool"])
         spatial_stats = FeatureStats.from_features(feats["spatial"])
-        source = "images"
-    info.update(source=source, num_images=0 if feats is None else len(feats["pool"]))
+        fid_source = sfid_source = "images"
+    source = fid_source if sfid_source in (fid_source, "none") else \
+        f"FID from {fid_source} statistics, sFID from {sfid_source}"
+    info.update(source=source, fid_source=fid_source, sfid_source=sfid_source,
+                num_images=0 if feats is None else len(feats["pool"]))
     result = ReferenceFeatures(pool_stats, spatial_stats, None if feats is None else feats["pool"], info)
     if use_cache:
         _save_cache(cache_path, result)

@@ -18,6 +18,19 @@ class ArgumentParser(argparse.ArgumentParser):
         print(f"error: {text}; see {self.prog} --help.", file=sys.stderr)
         sys.exit(2)
 
+    def parse_known_args(self, args=None, namespace=None):
+        # argparse drops a "--" value (`--steps=--`) without calling type=, leaving [] where one value belongs
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if not action.option_strings or type(action) is not argparse._StoreAction:
+                continue
+            value = getattr(namespace, action.dest, None)
+            if value is action.default or not isinstance(value, list):
+                continue
+            if (action.nargs is None and (action.type is not None or action.choices is not None)) or not value:
+                self.error(f"argument {'/'.join(action.option_strings)}: expected a value, got '--'")
+        return namespace, extras
+
 
 def _number(text, kind):
     try:
@@ -82,6 +95,7 @@ def int_in(lo, hi):
             raise argparse.ArgumentTypeError(f"expected an integer between {lo} and {hi}, got {text!r}")
         return value
     check.__name__ = f"int_in_{lo}_{hi}"
+    check.bounds = (lo, hi)  # read by the CLI property test to generate out-of-range values
     return check
 
 
@@ -93,4 +107,20 @@ def float_in(lo, hi):
             raise argparse.ArgumentTypeError(f"expected a number between {lo} and {hi}, got {text!r}")
         return value
     check.__name__ = f"float_in_{lo}_{hi}"
+    check.bounds = (lo, hi)
     return check
+
+
+def device(text):
+    """type= validator for --device: cuda, cuda:N, cpu or mps, usable on this machine (ldm.util.resolve_device)."""
+    from ldm.util import UserError, resolve_device
+
+    try:
+        resolve_device(text, activate=False)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+# every validator above, for tests that walk a parser's actions (tests/scripts/test_cli_property.py)
+VALIDATORS = (positive_int, nonneg_int, finite_float, positive_float, nonneg_float, probability, device)

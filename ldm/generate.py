@@ -1,16 +1,20 @@
-"""The one sampling loop: a LatentDiffusion -> an ADM-format .npz of uint8 samples (EVALUATION.md section 1).
+"""The one sampling loop: a model of any family -> an ADM-format .npz of uint8 samples (EVALUATION.md section 1).
 
-Used by scripts/sample_diffusion.py (full precision) and quant_scripts/04_sample_lora_model.py (a model whose
-UNet is a quantized wrapper). Properties the evaluation relies on:
-- Deterministic per-image noise: x_T of global image i is drawn from a generator seeded with
-  seed * 1_000_003 + i, so FP and quantized runs share initial noise and results do not depend on the batch
-  size or the number of processes. eta > 0 per-step noise comes from a generator per shard.
+Used by scripts/sample_diffusion.py and scripts/txt2img.py (full precision) and quant_scripts/04_sample_lora_model.py
+(a model whose UNet is a quantized wrapper or an engine). The family questions (conditioning, sampler, schedule,
+decode) are answered by ldm.pipelines: class-conditional and unconditional LDMs, text LDMs (one prompt per image)
+and the pixel-space DDIM model. Properties the evaluation relies on:
+- Deterministic per-image noise for every family: x_T of global image i is drawn on the CPU from a generator seeded
+  with seed * 1_000_003 + i, so FP and quantized runs share initial noise and results do not depend on the batch
+  size or the number of processes. Per-step noise (eta > 0) comes from a generator per shard.
 - Work is split into shards of consecutive global indices, each written atomically under `<out>.shards/`
   together with the arguments that made it; a restart with the same arguments skips finished shards (never
   duplicating or dropping a sample) and different arguments are refused.
 - Under `torchrun` (RANK / WORLD_SIZE set) shards are spread over the processes; rank 0 merges after a barrier.
-- The merged file holds `arr_0` uint8 [N,H,W,3], `arr_1` int64 labels (class-conditional models) and `meta`
-  (a JSON string of the settings), in a seeded random order so that IS splits see every class.
+- The merged file holds `arr_0` uint8 [N,H,W,3], `arr_1` int64 labels (class-conditional models; for text models the
+  digit each prompt names when every prompt is a digits phrasing), `prompts` (text models: the prompt of each image)
+  and `meta` (a JSON string of the settings). Class-conditional and unconditional samples are stored in a seeded
+  random order (IS splits of 5,000 must see every class); text samples in index order (image i has prompt i).
 """
 import hashlib
 import json
@@ -23,7 +27,7 @@ import zipfile
 import numpy as np
 import torch
 
-from ldm.util import UserError, atomic_write_bytes
+from ldm.util import TMP_PREFIX, UserError, _publish, atomic_write_bytes, remove_stale_tmp_files
 
 NOISE_SEED_STRIDE = 1_000_003
 NOISE_RULE = "x_T[i] = torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1000003 + i))"
@@ -33,15 +37,12 @@ FORMAT_VERSION = 1
 
 # --------------------------------------------------------------------------------------------------- helpers
 def conditioning_info(model):
-    """(class_conditional, number of real classes, null class id) of a LatentDiffusion."""
-    cond = getattr(model, "cond_stage_model", None)
-    if cond is None or getattr(model, "cond_stage_key", None) != "class_label":
-        if cond is not None and getattr(model, "conditioning_key", None) is not None:
-            raise UserError("generate_samples supports class-conditional and unconditional models only, "
-                            f"not conditioning on {getattr(model, 'cond_stage_key', None)!r}")
-        return False, 0, None
-    n = cond.embedding.num_embeddings  # the last embedding row is the null class of classifier-free guidance
-    return True, n - 1, n - 1
+    """(class_conditional, number of real classes, null class id) of a model (text and pixel models: not
+    class-conditional)."""
+    from ldm.pipelines import adapter_for
+
+    fam = adapter_for(model)
+    return fam.conditioning == "class", fam.n_classes, fam.null_class
 
 
 def balanced_labels(n_samples, classes):
@@ -97,6 +98,24 @@ def _first_difference(a, b):
         if a.get(key) != b.get(key):
             return f"{key}: {a.get(key)!r} vs {b.get(key)!r}"
     return "none"
+
+
+def uniform_schedule(steps, num_timesteps, flag="--ddim_steps"):
+    """The DDIM timesteps of ``steps`` uniform steps over a ``num_timesteps`` schedule, or a UserError naming
+    ``flag`` when they do not fit (more steps than the schedule, or a last step at t = num_timesteps, which the
+    original uniform spacing produces for e.g. 3 or 1000 of 1000 steps)."""
+    from ldm.modules.diffusionmodules.util import make_ddim_timesteps
+
+    fitting = [d for d in range(2, num_timesteps) if num_timesteps % d == 0]
+    near = sorted(fitting, key=lambda d: (abs(d - steps), d))[:6]
+    advice = f"choose a divisor of {num_timesteps} such as {', '.join(str(d) for d in sorted(near))}"
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps < num_timesteps:
+        raise UserError(f"{flag} {steps} does not fit the {num_timesteps}-step schedule; {advice}")
+    timesteps = [int(t) for t in make_ddim_timesteps("uniform", steps, num_timesteps, verbose=False)]
+    if timesteps[-1] >= num_timesteps:
+        raise UserError(f"{flag} {steps} does not fit the {num_timesteps}-step schedule with uniform spacing (its "
+                        f"last step would be t={timesteps[-1]}); {advice}")
+    return timesteps
 
 
 # --------------------------------------------------------------------------------------------- distributed
@@ -177,7 +196,7 @@ def _write_npz(path, arrays):
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=".npz")
     os.close(fd)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -195,7 +214,7 @@ def _write_npz(path, arrays):
                         fh.write(np.ascontiguousarray(block, dtype=dtype).tobytes())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)  # umask permissions like its grid (mkstemp makes 0600), then rename
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -222,12 +241,12 @@ def grid_path_for(out_path):
     return (out_path[:-4] if out_path.endswith(".npz") else out_path) + "_grid.png"
 
 
-def _merge(store, out_path, labels, meta, perm_seed):
+def _merge(store, out_path, labels, meta, perm_seed, prompts=None):
     n = len(labels)
     shard_of = np.repeat(np.arange(store.n_shards), [b - a for a, b in store.ranges])
     maps = [store.images(k) for k in range(store.n_shards)]
     shape = (n,) + maps[0].shape[1:]
-    perm = np.random.default_rng(perm_seed).permutation(n)
+    perm = np.arange(n) if meta["order"] == "index" else np.random.default_rng(perm_seed).permutation(n)
 
     def row(i):
         k = shard_of[i]
@@ -238,103 +257,147 @@ def _merge(store, out_path, labels, meta, perm_seed):
             yield np.stack([row(i) for i in perm[s:s + chunk]])
 
     # grid first (the .npz is the completion marker): one row per class (up to 10 classes evenly spread,
-    # 10 images each), else 8x8 in index order
+    # 10 images each) or per prompt (the first 10 distinct prompts), else 8x8 in index order
     if meta["class_conditional"]:
         present = np.unique(labels)
         chosen = present[np.linspace(0, len(present) - 1, min(10, len(present))).round().astype(int)]
         rows = [[row(i) for i in np.flatnonzero(labels == c)[:10]] for c in chosen]
+    elif prompts is not None:
+        first = list(dict.fromkeys(prompts))[:10]
+        rows = [[row(i) for i in np.flatnonzero(np.asarray(prompts, dtype=object) == p)[:10]] for p in first]
     else:
         rows = [[row(i) for i in range(r, min(r + 8, n))] for r in range(0, min(n, 64), 8)]
     _grid_png(grid_path_for(out_path), rows)
 
     arrays = {"arr_0": (shape, np.uint8, blocks())}
-    if meta["class_conditional"]:
+    if meta["class_conditional"] or (prompts is not None and (labels >= 0).all()):
         arrays["arr_1"] = labels[perm].astype(np.int64)
+    if prompts is not None:
+        arrays["prompts"] = np.array([prompts[i] for i in perm], dtype=str)
     arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
     _write_npz(out_path, arrays)
 
 
+def export_images(npz_path, png_dir, prompts_path=None):
+    """The merged samples as PNGs (png_dir/NNNNN.png, image i of arr_0) and, for text samples, one prompt per line
+    (line i = prompt of image i, whitespace collapsed); existing PNGs are kept (the samples are deterministic)."""
+    import io
+
+    from PIL import Image
+
+    os.makedirs(png_dir, exist_ok=True)
+    with np.load(npz_path, allow_pickle=False) as data:
+        images = data["arr_0"]
+        for i in range(images.shape[0]):
+            path = os.path.join(png_dir, f"{i:05d}.png")
+            if not os.path.isfile(path):
+                buf = io.BytesIO()
+                Image.fromarray(images[i]).save(buf, format="PNG")
+                atomic_write_bytes(path, buf.getvalue())
+        if prompts_path is not None and "prompts" in data.files:
+            text = "".join(" ".join(str(p).split()) + "\n" for p in data["prompts"])
+            atomic_write_bytes(prompts_path, text.encode("utf-8"))
+    return png_dir
+
+
 # ------------------------------------------------------------------------------------------------ sampling
-def _make_sampler(model, sampler, eta):
-    if sampler == "ddim":
-        from ldm.models.diffusion.ddim import DDIMSampler
-        return DDIMSampler(model)
-    if sampler == "plms":
-        if eta != 0:
-            raise UserError(f"the PLMS sampler is deterministic and needs eta 0, got eta {eta}")
-        from ldm.models.diffusion.plms import PLMSSampler
-        return PLMSSampler(model)
-    raise UserError(f"unknown sampler {sampler!r}; choose ddim or plms")
+TEXT_ORDER_RULE = "image i has prompt i (index order, not shuffled)"
+TEXT_TRUNCATION_RULE = "the model's tokenizer truncates to its max_length (77) tokens, start and end tokens kept"
 
 
-@torch.no_grad()
-def _sample_batch(model, sampler, labels, x_T, settings, null_class, generator):
-    device = model.device
-    cond = uncond = None
-    scale = settings["scale"]
-    if labels is not None:
-        key = model.cond_stage_key
-        cond = model.get_learned_conditioning({key: torch.as_tensor(labels, dtype=torch.long, device=device)})
-        if scale != 1.0:
-            uncond = model.get_learned_conditioning(
-                {key: torch.full((len(labels),), null_class, dtype=torch.long, device=device)})
-    samples, _ = sampler.sample(S=settings["ddim_steps"], batch_size=x_T.shape[0], shape=list(x_T.shape[1:]),
-                                conditioning=cond, eta=settings["eta"], x_T=x_T.to(device),
-                                unconditional_guidance_scale=scale, unconditional_conditioning=uncond,
-                                verbose=False, generator=generator, progress=False)
-    return to_uint8_nhwc(model.decode_first_stage(samples))
+def _text_settings(fam, prompts):
+    """Settings entries of a prompt list: its hash, the images whose prompt the tokenizer truncates, labels rule."""
+    from ldm.data.prompts import digit_of_prompt
+
+    embedder = fam.model.cond_stage_model
+    distinct_prompts = list(dict.fromkeys(prompts))
+    ids = embedder.tokenizer(distinct_prompts, truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
+    too_long = {p for p, row in zip(distinct_prompts, ids) if len(row) > embedder.max_length}
+    digits = [digit_of_prompt(p) for p in prompts]
+    labels = np.asarray([-1 if d is None else d for d in digits], dtype=np.int64)
+    entries = {"conditioning": "text", "unconditional_prompt": "", "order": "index", "order_rule": TEXT_ORDER_RULE,
+               "prompts_sha256": hashlib.sha256(json.dumps(list(prompts)).encode("utf-8")).hexdigest(),
+               "n_distinct_prompts": len(distinct_prompts), "truncation": TEXT_TRUNCATION_RULE,
+               "truncated_images": [i for i, p in enumerate(prompts) if p in too_long],
+               "labels": ("arr_1: the digit each prompt names (ldm.data.prompts.digit_of_prompt)"
+                          if (labels >= 0).all() else None)}
+    return entries, labels
 
 
-def generate_samples(model, out_path, n_samples, batch_size, ddim_steps=20, eta=0.0, scale=1.0, seed=0,
+def generate_samples(model, out_path, n_samples=None, batch_size=50, ddim_steps=20, eta=0.0, scale=1.0, seed=0,
                      sampler="ddim", classes=None, shard_size=None, meta=None, progress=True, max_shards=None,
-                     keep_shards=False):
-    """Sample `n_samples` images from a LatentDiffusion into the ADM-format .npz `out_path`.
+                     keep_shards=False, prompts=None, skip_type=None):
+    """Sample `n_samples` images from a model of any family (ldm.pipelines) into the ADM-format .npz `out_path`.
 
     classes: class ids to balance over (class-conditional models; None = all real classes, i.e. n_samples /
-    n_classes per class). scale: classifier-free guidance scale (1.0 = no guidance; ignored for unconditional
-    models). shard_size: images per resumable shard (default 4 batches). meta: extra JSON-able entries for the
-    file's meta (e.g. the quantization method). max_shards: stop after this many new shards in this process
-    (for tests and time-boxed jobs); the file is then not merged yet. keep_shards: keep `<out>.shards/` after
-    merging. Returns `out_path`, or None if shards are still missing.
+    n_classes per class). prompts: text models, the prompt of each image (n_samples defaults to its length).
+    scale: classifier-free guidance scale (1.0 = no guidance; ignored for unconditional models). skip_type: timestep
+    spacing of the pixel family ("quad" or "uniform"; LDMs space uniformly). shard_size: images per resumable shard
+    (default 4 batches). meta: extra JSON-able entries for the file's meta (e.g. the quantization method).
+    max_shards: at most this many new shards in this process (for tests and time-boxed jobs; a positive number);
+    the file is then not merged yet. keep_shards: keep `<out>.shards/` after merging. Returns `out_path`, or None if
+    shards are still missing.
     """
     out_path = os.fspath(out_path)
     if not out_path.endswith(".npz"):
         raise UserError(f"the output must be a .npz file, got {out_path}")
-    if n_samples < 1 or batch_size < 1:
+    if n_samples is None and prompts is not None:
+        n_samples = len(prompts)
+    if n_samples is None or n_samples < 1 or batch_size < 1:
         raise UserError(f"n_samples and batch_size must be positive, got {n_samples} and {batch_size}")
     if seed < 0:
         raise UserError(f"the seed must be non-negative, got {seed}")
+    if max_shards is not None and max_shards < 1:
+        raise UserError(f"max_shards must be a positive number of new shards, got {max_shards}")
+    if shard_size is not None and shard_size < 1:
+        raise UserError(f"shard_size must be positive, got {shard_size}")
     shard_size = int(shard_size or 4 * batch_size)
-    class_cond, n_classes, null_class = conditioning_info(model)
+    from ldm.pipelines import adapter_for
+
+    fam = adapter_for(model)
+    class_cond, n_classes, null_class = fam.conditioning == "class", fam.n_classes, fam.null_class
+    text = fam.conditioning == "text"
+    if text:
+        if prompts is None or len(prompts) != n_samples:
+            raise UserError(f"a text model needs one prompt per image: {n_samples} images but "
+                            f"{'no' if prompts is None else len(prompts)} prompts")
+        if classes is not None:
+            raise UserError("classes were given, but the model is conditioned on text; give prompts")
+        prompts = [str(p) for p in prompts]
+    elif prompts is not None:
+        raise UserError(f"prompts were given, but the model is not conditioned on text ({fam.conditioning})")
     if class_cond:
         classes = list(range(n_classes)) if classes is None else sorted({int(c) for c in classes})
         if not classes or min(classes) < 0 or max(classes) >= n_classes:
             raise UserError(f"classes must be ids in [0, {n_classes}), got {classes}")
         labels = balanced_labels(n_samples, classes)
     else:
-        if classes is not None:
+        if classes is not None and not text:
             raise UserError("classes were given, but the model is unconditional")
         labels = np.full(n_samples, -1, dtype=np.int64)
-        scale = 1.0
+        if fam.conditioning == "none":
+            scale = 1.0
     model.eval()
-    smp = _make_sampler(model, sampler, eta)
-    try:
-        smp.make_schedule(ddim_num_steps=ddim_steps, ddim_eta=eta, verbose=False)
-    except IndexError:  # uniform spacing overshoots the schedule (e.g. 3 of 1000 steps), as in the original
-        raise UserError(f"{ddim_steps} sampling steps do not fit the {model.num_timesteps}-step schedule with "
-                        "uniform spacing; choose a divisor of it such as 10, 20, 25, 50, 100, 200, 250") from None
-    timesteps = [int(t) for t in np.asarray(smp.ddim_timesteps)]
-    shape = [int(model.channels), int(model.image_size), int(model.image_size)]
+    if fam.family == "pixel":
+        skip_type = skip_type or "quad"
+    fam.check_sampler(sampler, eta, skip_type)
+    fam.schedule(ddim_steps, skip_type, "ddim_steps")  # a UserError before any work
+    timesteps = fam.sampling_timesteps(ddim_steps, sampler, skip_type)
 
     settings = {
         "format_version": FORMAT_VERSION, "n_samples": int(n_samples), "batch_size": int(batch_size),
         "shard_size": shard_size, "sampler": sampler, "ddim_steps": int(ddim_steps), "eta": float(eta),
-        "scale": float(scale), "seed": int(seed), "timesteps": timesteps, "latent_shape": shape,
+        "scale": float(scale), "seed": int(seed), "timesteps": timesteps, "latent_shape": fam.latent_shape,
         "class_conditional": class_cond, "classes": classes if class_cond else None,
         "null_class": null_class, "model_fingerprint": model_fingerprint(model),
         "noise_rule": NOISE_RULE, "step_noise": "torch.Generator per shard, seeded from (seed, shard index)",
         "decode_rule": DECODE_RULE, "order": "shuffled", "permutation_seed": int(seed),
     }
+    if fam.family != "ldm":  # new keys only for the new families: LDM sample files keep their settings
+        settings.update(family=fam.family, skip_type=skip_type)
+    if text:
+        entries, labels = _text_settings(fam, prompts)
+        settings.update(entries)
     extra = _json_roundtrip(meta or {})
     clash = [k for k in extra if k in settings and extra[k] != settings[k]]
     if clash:
@@ -351,16 +414,19 @@ def generate_samples(model, out_path, n_samples, batch_size, ddim_steps=20, eta=
     dist = _Dist(model.device)
     try:
         store = _ShardStore(out_path, settings, n_samples, shard_size)
+        if dist.rank == 0:  # leftovers of a killed run (older than this process) in the output and shard dirs
+            remove_stale_tmp_files(os.path.dirname(os.path.abspath(out_path)))
+            remove_stale_tmp_files(store.dir)
         pending = [k for k in range(store.n_shards) if not store.done(k)]  # every rank validates every shard
         mine = [k for k in pending if k % dist.world == dist.rank]
         if max_shards is not None:
             mine = mine[:max_shards]
-        _run_shards(model, smp, store, mine, labels if class_cond else None, settings, null_class,
-                    progress and dist.rank == 0)
+        items = labels if class_cond else (prompts if text else None)
+        _run_shards(fam, store, mine, items, settings, progress and dist.rank == 0)
         dist.barrier()
         merged = None
         if dist.rank == 0 and all(store.done(k) for k in range(store.n_shards)):
-            _merge(store, out_path, labels, settings, settings["permutation_seed"])
+            _merge(store, out_path, labels, settings, settings["permutation_seed"], prompts if text else None)
             if not keep_shards:
                 shutil.rmtree(store.dir, ignore_errors=True)
         dist.barrier()
@@ -371,9 +437,21 @@ def generate_samples(model, out_path, n_samples, batch_size, ddim_steps=20, eta=
         dist.close()
 
 
-def _run_shards(model, smp, store, shards, labels, settings, null_class, progress):
+@torch.no_grad()
+def _sample_batch(fam, items, x_T, settings, generator):
+    """uint8 NHWC images of one batch: conditioning of its items, the family's sampler, decode."""
+    scale = settings["scale"]
+    cond = fam.cond(items) if items is not None else None
+    uncond = fam.uncond(x_T.shape[0]) if items is not None and scale != 1.0 else None
+    z = fam.sample(x_T, cond, uncond, scale, settings["ddim_steps"], settings["eta"], settings["sampler"],
+                   settings.get("skip_type"), generator)
+    return to_uint8_nhwc(fam.decode(z))
+
+
+def _run_shards(fam, store, shards, items, settings, progress):
     from tqdm import tqdm
 
+    model = fam.model
     total = sum(store.ranges[k][1] - store.ranges[k][0] for k in shards)
     bar = tqdm(total=total, desc="sampling", unit="img", disable=not progress)
     shape = settings["latent_shape"]
@@ -385,8 +463,8 @@ def _run_shards(model, smp, store, shards, labels, settings, null_class, progres
         for b in range(start, stop, settings["batch_size"]):
             idx = np.arange(b, min(b + settings["batch_size"], stop))
             x_T = initial_noise(settings["seed"], idx, shape)
-            parts.append(_sample_batch(model, smp, None if labels is None else labels[idx], x_T, settings,
-                                       null_class, gen))
+            batch_items = None if items is None else [items[i] for i in idx]
+            parts.append(_sample_batch(fam, batch_items, x_T, settings, gen))
             bar.update(len(idx))
         store.write(k, np.concatenate(parts))
     bar.close()

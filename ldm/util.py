@@ -1,10 +1,13 @@
 """Shared utilities: config instantiation, safe checkpoint I/O, user-facing errors."""
 import collections
+import contextvars
+import errno
 import importlib
 import os
 import pickle
 import sys
 import tempfile
+import time
 import types
 from pathlib import Path
 
@@ -15,13 +18,28 @@ class UserError(Exception):
     """An error the user can fix (bad path, wrong preset, mismatched artifact): reported as one sentence."""
 
 
+# errors of the environment a user fixes (disk full, read-only or forbidden location), not bugs of the toolkit
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EPERM, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
 def cli_main(fn, *args, **kwargs):
-    """Run a script's main; a UserError becomes one sentence on stderr and exit status 2."""
+    """Run a script's main; a UserError (or a full / read-only / forbidden location) becomes one sentence on
+    stderr and exit status 2."""
     try:
         return fn(*args, **kwargs)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        print(f"error: {write_error(err.filename or 'a file', err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+TMP_PREFIX = ".tmp-"  # every temporary file the toolkit writes starts with this (see remove_stale_tmp_files)
+_PROCESS_START = time.time()  # approximately this process's start: older temporary files belong to earlier runs
+STALE_MARGIN_S = 60.0  # ...by this much, so that a concurrent writer's file between its last write and rename stays
 
 
 def _publish(tmp, path):
@@ -32,15 +50,18 @@ def _publish(tmp, path):
     os.replace(tmp, path)
 
 
-def atomic_write_bytes(path, data: bytes):
-    """Write bytes so that readers never see a partial file (temporary file in the same dir, then rename)."""
+def _write_atomically(path, write):
+    """Run write(binary file handle) into a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    The fsync comes before the rename, so after a crash ``path`` holds either the old or the complete new content.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         _publish(tmp, path)
@@ -48,35 +69,126 @@ def atomic_write_bytes(path, data: bytes):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_write_bytes(path, data: bytes):
+    """Write bytes so that readers never see a partial file (temporary file in the same dir, then rename)."""
+    return _write_atomically(path, lambda fh: fh.write(data))
 
 
 def atomic_save(obj, path):
     """torch.save that never leaves a truncated file behind."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
+    return _write_atomically(path, lambda fh: torch.save(obj, fh))
+
+
+def remove_stale_tmp_files(directory):
+    """Delete the toolkit's temporary files (``.tmp-*``) in ``directory`` last modified before this process
+    started (minus STALE_MARGIN_S): the leftovers of a run that was killed mid-write. Returns the removed paths;
+    an unreadable directory is skipped."""
+    removed, cutoff = [], _PROCESS_START - STALE_MARGIN_S
     try:
-        torch.save(obj, tmp)
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if (entry.name.startswith(TMP_PREFIX) and entry.is_file(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_mtime < cutoff):
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        except OSError:  # raced with another process, or not ours to delete: leave it
+            continue
+    return removed
+
+
+def ensure_writable_dir(directory, what="directory", clean=True):
+    """Create ``directory`` if needed and prove that a file can be written there (before any work is done);
+    clean: also remove stale temporary files of a killed run there."""
+    directory = os.fspath(directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix="probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"the {what} {directory} is not writable ({err.strerror or type(err).__name__}); "
+                        "choose another one or fix its permissions") from None
+    remove_stale_tmp_files(directory)
+    return directory
+
+
+def write_error(path, err):
+    """The one-sentence UserError for an OSError while writing ``path`` (disk full, read-only, permissions)."""
+    reason = err.strerror or type(err).__name__
+    return UserError(f"could not write {os.fspath(path)} ({reason}); free space or choose a writable location "
+                     "and re-run the same command")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Devices
+# ------------------------------------------------------------------------------------------------------------------
+
+def resolve_device(requested=None, activate=True):
+    """The torch.device a script should use, with an explicit index for CUDA; anything unusable is a UserError.
+
+    None or "" -> cuda:LOCAL_RANK when CUDA is available (torchrun), else cpu; "cuda" -> the current CUDA device;
+    "cuda:N" -> checked against the device count; "cpu"; "mps" when available. activate=True makes a CUDA
+    device the current one (torch.cuda.set_device needs the explicit index this function supplies).
+    """
+    if isinstance(requested, torch.device):
+        requested = str(requested)
+    if requested is None or str(requested).strip() == "":
+        if torch.cuda.is_available():
+            device = _cuda_device(int(os.environ.get("LOCAL_RANK", "0") or 0), "LOCAL_RANK")
+        else:
+            device = torch.device("cpu")
+    else:
+        text = str(requested).strip()
+        kind, _, index = text.partition(":")
+        if kind == "cpu" and index in ("", "0"):
+            device = torch.device("cpu")
+        elif kind == "mps" and index in ("", "0"):
+            mps = getattr(torch.backends, "mps", None)
+            if mps is None or not mps.is_available():
+                raise UserError(f"device {text!r} was requested but MPS is not available here; use --device cpu")
+            device = torch.device("mps")
+        elif kind == "cuda":
+            if not torch.cuda.is_available():
+                raise UserError(f"device {text!r} was requested but CUDA is not available here; use --device cpu")
+            if index == "":
+                device = torch.device("cuda", torch.cuda.current_device())
+            elif index.isdigit():
+                device = _cuda_device(int(index), f"--device {text}")
+            else:
+                raise UserError(f"device {text!r} is not a device name; use cuda, cuda:N, cpu or mps")
+        else:
+            raise UserError(f"device {text!r} is not supported; use cuda, cuda:N, cpu or mps")
+    if activate and device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _cuda_device(index, source):
+    count = torch.cuda.device_count()
+    if not 0 <= index < count:
+        raise UserError(f"{source} asks for CUDA device {index}, but this machine has {count} "
+                        f"(cuda:0 to cuda:{count - 1}); choose one of them")
+    return torch.device("cuda", index)
 
 
 def default_device(requested=None):
-    """The requested device, else this process's GPU (LOCAL_RANK under torchrun), else the CPU."""
-    if requested:
-        device = torch.device(requested)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
+    """Alias of resolve_device (kept for older callers)."""
+    return resolve_device(requested)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Configs: data, not code
+# ------------------------------------------------------------------------------------------------------------------
+# A config's `target:` is imported and called. By default only the toolkit's own packages and torch may be named;
+# anything else (e.g. `os.system`) needs the user's explicit opt-in, --trust_config in the scripts.
+TRUSTED_TARGET_ROOTS = ("ldm", "quant", "evaluation", "ddim", "torch")
+_trust_targets = contextvars.ContextVar("trust_config_targets", default=False)
 
 
 def get_obj_from_str(string, reload=False):
@@ -87,13 +199,48 @@ def get_obj_from_str(string, reload=False):
     return getattr(mod, cls)
 
 
-def instantiate_from_config(config):
-    """Build `target(**params)` from a {target, params} mapping, as the CompVis configs expect."""
+def _targets(config):
+    """Every `target` value in a nested config (mappings and lists, OmegaConf or plain)."""
+    if hasattr(config, "items"):
+        for key, value in config.items():
+            if key == "target":
+                yield value
+            else:
+                yield from _targets(value)
+    elif isinstance(config, (list, tuple)) or type(config).__name__ == "ListConfig":
+        for value in config:
+            yield from _targets(value)
+
+
+def check_config_targets(config, trust_config=False):
+    """Refuse a config naming a target outside the toolkit's packages and torch, unless trust_config."""
+    if trust_config or _trust_targets.get():
+        return
+    for target in _targets(config):
+        root = str(target).split(".")[0]
+        if not isinstance(target, str) or root not in TRUSTED_TARGET_ROOTS:
+            raise UserError(f"the config names target {target!r}, which is outside the toolkit's packages "
+                            f"({', '.join(TRUSTED_TARGET_ROOTS)}) and would run its code; pass --trust_config "
+                            "if you trust this config")
+
+
+def instantiate_from_config(config, trust_config=False):
+    """Build `target(**params)` from a {target, params} mapping, as the CompVis configs expect.
+
+    Every target in the config tree is checked first (check_config_targets); trust_config=True allows any target,
+    also for the sub-configs the built modules instantiate themselves.
+    """
     if "target" not in config:
         if config in ("__is_first_stage__", "__is_unconditional__"):
             return None
         raise KeyError("Expected key `target` to instantiate.")
-    return get_obj_from_str(config["target"])(**config.get("params", dict()))
+    check_config_targets(config, trust_config)
+    token = _trust_targets.set(True) if trust_config else None
+    try:
+        return get_obj_from_str(config["target"])(**config.get("params", dict()))
+    finally:
+        if token is not None:
+            _trust_targets.reset(token)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -222,13 +369,18 @@ def load_checkpoint(path, download_name=None):
     _require_file(path, download_name)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return {"state_dict": collections.OrderedDict(load_file(path, device="cpu"))}
+        try:
+            return {"state_dict": collections.OrderedDict(load_file(path, device="cpu"))}
+        except Exception as err:  # SafetensorError / OSError / ValueError on a damaged header or payload
+            raise UserError(f"could not read checkpoint {path}: it is not a valid safetensors file "
+                            f"({type(err).__name__}); download or export it again") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
     except UserError:
         raise
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise UserError(f"could not read checkpoint {path}: {err}") from err
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not read checkpoint {path} ({first}); download or re-create it") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         return obj
     if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
@@ -291,16 +443,18 @@ def _ema_shadow_map(model):
     return {"model_ema." + name.replace(".", ""): "model." + name for name, _ in inner.named_parameters()}
 
 
-def load_model_from_config(config, ckpt, use_ema_weights=False, device="cpu", download_name=None):
+def load_model_from_config(config, ckpt, use_ema_weights=False, device="cpu", download_name=None,
+                           trust_config=False):
     """Build config.model (or config itself if it has a target) and load `ckpt` into it, checked.
 
     EMA shadows (`model_ema.*`) in the checkpoint are matched to the model's `model.*` parameters; with
-    use_ema_weights they replace them. Returns the model in eval mode with `.global_step` set when known.
+    use_ema_weights they replace them. trust_config: allow config targets outside the toolkit and torch.
+    Returns the model in eval mode with `.global_step` set when known.
     """
     model_cfg = config["model"] if "model" in config else config
     container = load_checkpoint(ckpt, download_name)
     sd = collections.OrderedDict(container["state_dict"])
-    model = instantiate_from_config(model_cfg)
+    model = instantiate_from_config(model_cfg, trust_config=trust_config)
     shadow_map = _ema_shadow_map(model)
     has_ema_module = hasattr(model, "model_ema")
     present = [k for k in shadow_map if k in sd]

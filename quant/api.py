@@ -2,7 +2,9 @@
 plus a registered handler (torchao style), so adding a method changes no existing code.
 
 The returned ``QuantUNet`` wraps the UNet (same forward signature) and owns the timestep table: every call
-resolves its step index k from the actual timestep values and runs the UNet inside ``step_scope(k)``.
+resolves its step index k from the actual timestep values and runs the UNet inside ``step_scope(k)`` (a model
+without per-step quantizers, e.g. Q-Diffusion's, needs no index and runs at any timestep). Which layers are
+wrapped, and how, is the method's layer policy for the model's family (quant.policy), recorded in ``meta()``.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -12,8 +14,9 @@ import torch
 from torch import nn
 
 from ldm.util import UserError, atomic_save
+from quant.activation import TemporalActQuantizer
 from quant.layers import LayerSpec, QuantLayer, QuantMatMul, wrap_layer
-from quant.policy import attention_matmuls, classify
+from quant.policy import MPQDM_RULES, attention_matmuls, model_family, resolve
 from quant.step import StepTable, step_scope
 
 _METHODS = {}
@@ -61,11 +64,22 @@ class MethodHandler:
     """What a method tells the substrate. Subclasses override the hooks they change."""
     config_class = QuantConfig
     train_weight_zero = True      # whether the weight quantizers' z is trained (lr 1e-6) or frozen
+    training = "finetune"         # "finetune" (03 trains it) | "ptq" (calibrated and reconstructed in 02; 03 refuses)
 
     def layer_spec(self, config, role, n_steps):
         return LayerSpec(role=role, w_bits=config.w_bits, a_bits=config.a_bits, n_steps=n_steps,
                          lora_rank=config.lora_rank, conv_lora=config.conv_lora,
                          smoothing=config.smoothing, int_weight=False)
+
+    def policy_rules(self, config, family):
+        """The layer policy table (quant.policy rules) of this method for a model family."""
+        if family not in MPQDM_RULES:
+            raise UserError(f"method {config.method!r} has no layer policy for {family} models.")
+        return MPQDM_RULES[family]
+
+    def matmul_quantizers(self, config, kind, n_steps):
+        """The two input quantizers of an attention matmul (kind "qk" or "av"): temporal, a_bits."""
+        return [TemporalActQuantizer(config.a_bits, n_steps) for _ in range(2)]
 
     def init_weights(self, layer, x, config):
         """Set the layer's weight quantizer (and bit buffer) from its calibration input; return a log dict."""
@@ -90,6 +104,7 @@ def register_method(name):
 def _ensure_methods_loaded():
     import quant.methods.efficientdm  # noqa: F401  (registration side effect)
     import quant.methods.mpqdm  # noqa: F401
+    import quant.methods.qdiffusion  # noqa: F401
 
 
 def get_method(name):
@@ -123,11 +138,14 @@ def config_from_dict(d):
 class QuantUNet(nn.Module):
     """The quantized UNet. forward(x, timesteps, context=None, **kw) as UNetModel; k = table[timesteps]."""
 
-    def __init__(self, unet, config, timesteps):
+    def __init__(self, unet, config, timesteps, policy=None):
         super().__init__()
         self.unet = unet
         self.config = config
+        self.policy = policy            # {"family": ..., "rules": [...]} as applied by quantize_
         self.table = StepTable(timesteps)
+        # a model without per-step quantizers runs the same at every timestep: no schedule lookup
+        self.per_step = any(isinstance(m, TemporalActQuantizer) for m in unet.modules())
         self.register_buffer("timesteps", torch.tensor(self.table.timesteps, dtype=torch.long))
         self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_table())
 
@@ -135,8 +153,10 @@ class QuantUNet(nn.Module):
         self.table = StepTable(self.timesteps.cpu())
 
     def forward(self, x, timesteps=None, context=None, **kwargs):
-        with step_scope(self.table.lookup(timesteps)):
-            return self.unet(x, timesteps, context=context, **kwargs)
+        if context is not None:
+            kwargs["context"] = context          # the DDIM Model's forward takes no context argument
+        with step_scope(self.table.lookup(timesteps) if self.per_step else None):
+            return self.unet(x, timesteps, **kwargs)
 
     def quant_layers(self):
         """(name, layer) of every wrapped conv/linear, in module order (names relative to the UNet)."""
@@ -147,9 +167,10 @@ class QuantUNet(nn.Module):
 
     def meta(self):
         """Plain-type description from which ``build_from_meta`` re-creates this structure."""
+        _, handler = get_method(self.config.method)
         return {"method": self.config.method, "config": config_to_dict(self.config),
                 "w_bits": self.config.w_bits, "a_bits": self.config.a_bits,
-                "timesteps": list(self.table.timesteps)}
+                "timesteps": list(self.table.timesteps), "training": handler.training, "policy": self.policy}
 
 
 def _set_submodule(root, name, new):
@@ -158,33 +179,40 @@ def _set_submodule(root, name, new):
     setattr(parent, child, new)
 
 
-def quantize_(unet, config, timesteps):
+def quantize_(unet, config, timesteps, policy=None):
     """Swap the UNet's layers in place according to the policy and return the wrapping QuantUNet.
 
     timesteps: the sampling schedule (one entry per step; its length S sizes the temporal quantizers).
-    Quantizer state has fixed shapes; scales are set by ``quant.stages.calibrate.calibrate`` or by loading a state dict.
+    policy: {"family", "rules"} to apply (an artifact's recorded policy); None = the method's table for the
+    model's family (quant.policy). Every quantizer, split halves included, is created here from the structure;
+    scales are set by calibration / reconstruction or by loading a state dict.
     """
     if not isinstance(config, QuantConfig):
         raise UserError(f"expected a QuantConfig, got {type(config).__name__}.")
     _, handler = get_method(config.method)
     table = StepTable(timesteps)
-    generator = torch.Generator().manual_seed(config.seed)
-    for name, role in classify(unet).items():
-        if role == "fp":
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)  # LoRA A is drawn on the CPU, then moved
+    if policy is None:
+        family = model_family(unet)
+        policy = {"family": family, "rules": handler.policy_rules(config, family)}
+    policy = {"family": policy["family"], "rules": [dict(r) for r in policy["rules"]]}
+    for name, fields in resolve(unet, policy["rules"], policy["family"]).items():
+        if fields is None:
             continue
-        spec = handler.layer_spec(config, role, len(table))
+        spec = dataclasses.replace(handler.layer_spec(config, fields.get("role", "quant"), len(table)), **fields)
         _set_submodule(unet, name, wrap_layer(unet.get_submodule(name), spec, generator))
     if config.quantize_attention_matmuls:
+        device = next(unet.parameters()).device
         for name in attention_matmuls(unet):
-            inner = unet.get_submodule(name)
-            device = next(unet.parameters()).device
-            _set_submodule(unet, name, QuantMatMul(inner, config.a_bits, len(table)).to(device))
-    return QuantUNet(unet, config, table.timesteps)
+            kind = "qk" if name.endswith("qk_matmul") else "av"
+            quantizers = [q.to(device) for q in handler.matmul_quantizers(config, kind, len(table))]
+            _set_submodule(unet, name, QuantMatMul(unet.get_submodule(name), quantizers))
+    return QuantUNet(unet, config, table.timesteps, policy)
 
 
 def build_from_meta(unet, meta):
     """Re-create the quantized structure recorded in an artifact's meta (for load_state_dict; no forward)."""
-    return quantize_(unet, config_from_dict(meta["config"]), meta["timesteps"])
+    return quantize_(unet, config_from_dict(meta["config"]), meta["timesteps"], meta.get("policy"))
 
 
 def save_quantized(qunet, path, extra_meta=None):

@@ -1,12 +1,20 @@
 """LoRA factors added to the weight before quantization (MPQ-DM.md §4): ΔW from A and B, rank r, scale 1.
 
 A is Kaiming-uniform (a = √5, PyTorch's default layer init, fan-in from A's own shape); B is zero, so ΔW = 0
-at the start. Each ΔW is one einsum, never a loop over kernel positions or an identity matrix.
+at the start. A is drawn on the generator's device (the CPU for the usual CPU generator) and then copied to the
+weight's device: a CPU generator cannot fill a CUDA tensor, and this way the init is identical on every device.
+Each ΔW is one einsum, never a loop over kernel positions or an identity matrix.
 """
 import math
 
 import torch
 from torch import nn
+
+
+def kaiming_uniform_draw(shape, generator=None):
+    """Kaiming-uniform (a = √5) values of ``shape`` drawn on the generator's device (CPU without a generator)."""
+    out = torch.empty(shape, device=generator.device if generator is not None else "cpu")
+    return nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=generator)
 
 
 class LoRA(nn.Module):
@@ -28,9 +36,11 @@ class LoRA(nn.Module):
             a_shape, b_shape = (rank, cin, *kernel), (cout, rank, *kernel)
         else:
             a_shape, b_shape = (rank, cin, *kernel), (cout, rank, 1, 1)
+        # empty/zeros land on the ambient device (quant.layers builds LoRA under `with torch.device(weight)`)
         self.lora_A = nn.Parameter(torch.empty(a_shape))
         self.lora_B = nn.Parameter(torch.zeros(b_shape))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            self.lora_A.copy_(kaiming_uniform_draw(a_shape, generator))
 
     def delta_weight(self):
         if self.kind == "linear":

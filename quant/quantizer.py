@@ -1,4 +1,4 @@
-"""Uniform affine fake quantization (MPQ-DM.md §3.1) and its two scale initialisers.
+"""Uniform affine fake quantization (MPQ-DM.md §3.1, PEERS.md §1.1) and its scale initialisers.
 
 Conventions used throughout quant/:
 - ``n_levels`` is the number of integer levels, 2**bits; the integer grid is 0..n_levels-1. It may be a python
@@ -7,6 +7,9 @@ Conventions used throughout quant/:
   after training it is a free offset.
 - Per-channel means "per slice along dim 0"; a per-channel initialiser runs the per-tensor procedure on each
   slice independently (vectorised, not looped).
+- A symmetric quantizer (Q-Diffusion's option: L' = 2^(b-1) - 1, clamp [-L'-1, L'] with z = 0) is the same affine
+  grid with z fixed at 2^(b-1): clamp(round(x/Δ) + 2^(b-1), 0, 2^b - 1) - 2^(b-1) = clamp(round(x/Δ), -L'-1, L'),
+  so fake_quant, its gradients and the packed export need no second code path.
 """
 import torch
 
@@ -122,25 +125,36 @@ def _shape_out(v, x, per_channel):
     return v.reshape(x.shape[0]) if per_channel else v.reshape(())
 
 
-def init_max(x, n_bits, per_channel=False):
+def init_max(x, n_bits, per_channel=False, symmetric=False):
     """`max` init: range widened to include 0; Δ = (max - min)/(2^n - 1) floored at 1e-8, z = round(-min/Δ).
 
+    Symmetric: Δ = max|x|/L' with L' = 2^(n-1) - 1, z = 2^(n-1) (the signed grid, see ``symmetric_zero``).
     Returns (delta, zero): scalars, or (C,) tensors when per_channel (C = x.shape[0]); n_bits may be (C,).
     """
     rows = _rows(x, per_channel)
     hi = _levels_col(n_bits, rows.shape[0], rows) - 1
     x_min = rows.amin(dim=1, keepdim=True).clamp(max=0)
     x_max = rows.amax(dim=1, keepdim=True).clamp(min=0)
-    delta = ((x_max - x_min) / hi).clamp(min=DELTA_FLOOR)
-    zero = torch.round(-x_min / delta)
+    if symmetric:
+        half = (hi + 1) / 2
+        if bool((half - 1 < 1).any()):
+            raise ValueError("a symmetric quantizer needs at least 2 bits")
+        delta = (torch.maximum(-x_min, x_max) / (half - 1)).clamp(min=DELTA_FLOOR)
+        zero = half.expand_as(delta)
+    else:
+        delta = ((x_max - x_min) / hi).clamp(min=DELTA_FLOOR)
+        zero = torch.round(-x_min / delta)
     return _shape_out(delta, x, per_channel), _shape_out(zero, x, per_channel)
 
 
-def init_mse(x, n_bits, per_channel=False):
+def init_mse(x, n_bits, per_channel=False, symmetric=False):
     """`mse` init: 80 shrinking candidate ranges, keep the one minimising mean |x - x̂|^2.4 (first minimum wins).
 
     The range is the raw min/max (not widened to include 0), the candidates quantise with a plain clamp, and
     each channel (row) chooses independently. Δ is floored at 1e-8 so a constant slice does not divide by zero.
+    Symmetric (Q-Diffusion's option): the candidate Δ keeps the 2^n - 1 denominator (PEERS.md §1.1), z is fixed at
+    2^(n-1) and each candidate is scored on that signed grid, the one the forward uses [T: the released search
+    scores on a different, unsigned grid; no published recipe combines `mse` with symmetric activations].
     """
     rows = _rows(x, per_channel)
     hi = _levels_col(n_bits, rows.shape[0], rows) - 1
@@ -150,11 +164,12 @@ def init_mse(x, n_bits, per_channel=False):
     best_delta = torch.ones_like(x_min)
     best_zero = torch.zeros_like(x_min)
     zero_t = torch.zeros((), dtype=rows.dtype, device=rows.device)
+    sym_zero = ((hi + 1) / 2).expand_as(x_min) if symmetric else None
     for i in range(MSE_CANDIDATES):
         shrink = 1.0 - MSE_SHRINK * i
         lo, up = x_min * shrink, x_max * shrink
         delta = ((up - lo) / hi).clamp(min=DELTA_FLOOR)
-        zero = torch.round(-lo / delta)
+        zero = sym_zero if symmetric else torch.round(-lo / delta)
         q = torch.round(rows / delta).add_(zero).clamp_(min=zero_t, max=hi).sub_(zero).mul_(delta)
         score = q.sub_(rows).abs_().pow_(MSE_P).mean(dim=1, keepdim=True)
         better = score < best_score
@@ -162,6 +177,22 @@ def init_mse(x, n_bits, per_channel=False):
         best_delta = torch.where(better, delta, best_delta)
         best_zero = torch.where(better, zero, best_zero)
     return _shape_out(best_delta, x, per_channel), _shape_out(best_zero, x, per_channel)
+
+
+def range_qparams(lo, hi_value, n_bits, symmetric=False, unsigned=False):
+    """(Δ, z) of a per-tensor quantizer from a tracked range [lo, hi] (running statistics, PEERS.md §1.1):
+    asymmetric Δ = (hi - lo)/(2^n - 1), z = round(-lo/Δ); symmetric Δ = max(|lo|, |hi|)/L', z = 2^(n-1);
+    unsigned (softmax) Δ = hi/(2^n - 1), z = 0. Δ is floored at 1e-8."""
+    lo, hi_value = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi_value, dtype=torch.float32)
+    levels = 2.0 ** int(n_bits)
+    if unsigned:
+        delta = (hi_value / (levels - 1)).clamp(min=DELTA_FLOOR)
+        return delta, torch.zeros_like(delta)
+    if symmetric:
+        delta = (torch.maximum(lo.abs(), hi_value.abs()) / (levels / 2 - 1)).clamp(min=DELTA_FLOOR)
+        return delta, torch.full_like(delta, levels / 2)
+    delta = ((hi_value - lo) / (levels - 1)).clamp(min=DELTA_FLOOR)
+    return delta, torch.round(-lo / delta)
 
 
 def quantize_int(x, delta, zero, n_levels):

@@ -13,8 +13,9 @@ cannot hold. The export therefore first rounds every z to the integer that moves
 import os
 
 # _common first: it puts the repository root on sys.path
-from _common import agree, artifact_path, build_student, load_fp_model, load_stage_artifact, parser, unet_config
-from ldm.util import UserError, cli_main
+from _common import (A_BITS, MADE_BY, W_BITS, agree, artifact_path, build_student, check_ident, load_fp_model,
+                     load_stage_artifact, model_config, parser, prepare_output, prepare_run_dir, unet_config)
+from ldm.util import UserError, cli_main, write_error
 
 
 def build_parser():
@@ -25,29 +26,45 @@ def build_parser():
     p.add_argument("--float16", action="store_true",
                    help="store the unquantized tensors (FP layers, norms, biases, embeddings) as float16")
     p.add_argument("--method", choices=["efficientdm", "mpqdm", "mpqdm+"], help="must match the artifact if given")
-    p.add_argument("--n_bits_w", type=int, help="must match the artifact if given")
-    p.add_argument("--n_bits_a", type=int, help="must match the artifact if given")
+    p.add_argument("--n_bits_w", type=W_BITS, help="must match the artifact if given")
+    p.add_argument("--n_bits_a", type=A_BITS, help="must match the artifact if given")
     return p
+
+
+def check_args(args):
+    """Cross-flag rules, from the flags and the model config alone (before any model is loaded); returns the
+    output path."""
+    model_config(args)  # readable, and its targets allowed
+    out = args.out or os.path.join(args.run_dir, "export.safetensors")
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a directory; give a file path such as {out}/export.safetensors.")
+    return out
 
 
 def main(argv=None):
     from quant.export import export_quantized, snap_zero_points_, theoretical_bytes
 
     args = build_parser().parse_args(argv)
-    model, ident = load_fp_model(args)
-    art = load_stage_artifact(args, args.stage, ident)
+    out = check_args(args)
+    prepare_run_dir(args)
+    prepare_output(out, "export")
+    art = load_stage_artifact(args, args.stage)
     meta = art["meta"]
     agree(args, meta, {"method": "method", "n_bits_w": "n_bits_w", "n_bits_a": "n_bits_a"}, f"{args.stage} artifact")
+    model, ident = load_fp_model(args)
+    source = os.path.abspath(artifact_path(args, args.stage))
+    check_ident(art, ident, args.stage, source)
     fp_bytes = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.state_dict().values())
-    qunet = build_student(model, meta, art["state_dict"], copy_unet=False)
+    qunet = build_student(model, meta, art["state_dict"], copy_unet=False, what=f"{args.stage} artifact {source}",
+                          made_by=MADE_BY[args.stage])
     moved = snap_zero_points_(qunet)
-    out = args.out or os.path.join(args.run_dir, "export.safetensors")
-    if os.path.isdir(out):
-        raise UserError(f"--out {out} is a directory; give a file path such as {out}/export.safetensors.")
-    export_quantized(qunet, out, unet_config(args), float_dtype="float16" if args.float16 else "float32",
-                     extra_meta={"preset": args.preset, "config_hash": meta["config_hash"], "stage": args.stage,
-                                 "quant_artifact": os.path.abspath(artifact_path(args, args.stage)),
-                                 "max_weight_change_by_zero_point_rounding": moved})
+    try:
+        export_quantized(qunet, out, unet_config(args), float_dtype="float16" if args.float16 else "float32",
+                         extra_meta={"preset": args.preset, "config_hash": meta["config_hash"], "stage": args.stage,
+                                     "quant_artifact": source, "parent": {args.stage: meta["checksum"]},
+                                     "max_weight_change_by_zero_point_rounding": moved})
+    except OSError as err:
+        raise write_error(out, err) from None
     size, ideal = os.path.getsize(out), theoretical_bytes(out)
     print(f"wrote {out}: {size / 1e6:.3f} MB (theoretical {ideal / 1e6:.3f} MB, ratio {size / ideal:.4f}); "
           f"float32 UNet {fp_bytes / 1e6:.3f} MB, {fp_bytes / size:.1f}x smaller; rounding the zero points to "

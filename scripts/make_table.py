@@ -18,7 +18,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from evaluation.evaluate import TABLE_COLUMNS, format_value  # noqa: E402
-from ldm.util import UserError, atomic_write_bytes, cli_main  # noqa: E402
+from ldm import cli  # noqa: E402
+from ldm.util import UserError, atomic_write_bytes, cli_main, write_error  # noqa: E402
 
 HEADERS = {"IS": "IS↑", "FID": "FID↓", "sFID": "sFID↓", "precision": "Precision↑", "recall": "Recall↑",
            "conditional_accuracy": "Cond. acc.↑"}
@@ -45,13 +46,15 @@ def read_result(path):
 
 def row_of(path, result, label=None):
     s = result.get("settings") or {}
-    wb, ab = _first(s, "weight_bits", "w_bits", "wbits"), _first(s, "act_bits", "a_bits", "abits")
+    wb = _first(s, "weight_bits", "w_bits", "wbits", "n_bits_w")  # n_bits_*, quant_method: 04's samples meta
+    ab = _first(s, "act_bits", "a_bits", "abits", "n_bits_a")
     steps = _first(s, "steps", "ddim_steps", "num_steps")
     sampler = _first(s, "sampler")
     return {
         "run": label or os.path.basename(path).replace(".metrics.json", ""),
-        "method": _first(s, "method") or ("FP" if wb is None else "–"),
-        "W/A": f"{wb}/{ab}" if wb is not None else "32/32" if _first(s, "method") in (None, "fp", "FP") else "–",
+        "method": _first(s, "method", "quant_method") or ("FP" if wb is None else "–"),
+        "W/A": f"{wb}/{ab}" if wb is not None else "32/32" if _first(s, "method", "quant_method") in (None, "fp", "FP")
+        else "–",
         "sampler": " ".join(str(v) for v in (sampler, steps) if v is not None) or "–",
         "extractor": result["evaluator"]["extractor"],
         "N": result["num_samples"],
@@ -79,7 +82,7 @@ def to_markdown(rows, baseline=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", nargs="+", metavar="METRICS.json", help="metrics files from 05_evaluate.py")
     p.add_argument("--out", required=True, help="Markdown table to write; the rows also go to OUT with .json")
     p.add_argument("--labels", nargs="*", default=None, help="row labels, one per METRICS.json (default: file names)")
@@ -97,10 +100,13 @@ def main(argv=None):
         text += f"\nWarning: rows use different feature extractors ({', '.join(sorted(extractors))}); not comparable.\n"
     command = " ".join(["python", "scripts/make_table.py"] + (argv if argv is not None else sys.argv[1:]))
     text += f"\nCommand: `{command}`\n"
-    atomic_write_bytes(args.out, text.encode("utf-8"))
     json_path = os.path.splitext(args.out)[0] + ".json"
     payload = {"rows": rows, "baseline": baseline, "command": command}
-    atomic_write_bytes(json_path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+    for path, data in ((args.out, text.encode("utf-8")), (json_path, (json.dumps(payload, indent=2) + "\n").encode())):
+        try:
+            atomic_write_bytes(path, data)
+        except OSError as err:
+            raise write_error(path, err) from None
     print(text, end="")
     print(f"wrote {args.out} and {json_path}")
 

@@ -1,7 +1,10 @@
-"""The shared reference data (reference/ldm, made with the original CompVis code) for every test package.
+"""The shared reference data (reference/ldm, made with the original CompVis code) for every test package, and the
+tiny models the tests build from the repository's own files.
 
-Found at $MPQDM_SHARED, else at the `shared` directory beside the repository; a test whose file is absent is
-skipped with the path it looked for.
+The reference vectors are not part of the repository: they live in the project's shared folder, found at
+$MPQDM_SHARED, else at the `shared` directory beside the checkout. A test that compares against a reference file
+that is absent is skipped with a reason naming the file and where the vectors come from; everything else (tiny
+models with a deterministic init, the repository's configs, the shipped digits model) needs no shared folder.
 """
 import json
 import os
@@ -24,10 +27,43 @@ def ref_dir() -> Path:
 ldm_reference_dir = ref_dir
 
 
+REFERENCE_ORIGIN = ("reference vectors are made with the original CompVis code and kept in the project's shared "
+                    "folder (shared/reference/ldm beside the checkout, or $MPQDM_SHARED), not in the repository")
+
+
 def require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"reference data not found: {path} (set MPQDM_SHARED to the shared dir)")
+        pytest.skip(f"{path} not found: {REFERENCE_ORIGIN}")
     return path
+
+
+# The tiny class-conditional UNet of the reference vector a_unet_cin_tiny (cin256-v2's structure in miniature:
+# SpatialTransformer with a context, num_res_blocks 2), built here with a deterministic init so that the quant tests
+# run on a plain clone.
+TINY_CIN_UNET = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[2],
+                     num_res_blocks=2, channel_mult=[1, 1], num_heads=1, use_spatial_transformer=True,
+                     transformer_depth=1, context_dim=32)
+
+
+@torch.no_grad()
+def deterministic_init_(module, seed=0):
+    """Overwrite every parameter in named_parameters() order from one seeded generator (the recipe of the
+    reference README): 1-D `*weight` 1 + 0.1·N(0,1), other 1-D 0.1·N(0,1), N-D N(0,1)/sqrt(fan-in). The zero-
+    initialised output convs become non-zero, so every path carries signal."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if p.dim() == 1:
+            p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+        else:
+            p.copy_(noise / max(1, p[0].numel()) ** 0.5)
+    return module
+
+
+def tiny_cin_unet(seed=0):
+    """A fresh eval-mode tiny cin UNet (TINY_CIN_UNET) with deterministic weights; no reference data needed."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    return deterministic_init_(UNetModel(**TINY_CIN_UNET), seed).eval()
 
 
 def _merge(files):

@@ -4,7 +4,10 @@ File content (tensor keys are exactly the state-dict keys of the QuantUNet that 
 - per quantized layer ``unet.<name>.``: ``qweight`` (uint8 dense bit stream, quant.export.packing per-row layout:
   output channel o holds Cin·kh·kw codes of bits[o] bits, rows back to back, LSB first), ``wtags`` (per-channel
   tags packed at 4 bits: bits-1 in bits 0..2, bit 3 = zero point rounded up), ``w_delta``/``w_zero`` (float32
-  per channel), ``smooth`` (only for smoothing layers), ``bias``, ``act_quantizer.*`` (per-step or single Δ/z);
+  per channel), ``smooth`` (only for smoothing layers), ``bias``, ``act_quantizer.*`` (per-step or single Δ/z;
+  absent when the layer's input is not quantized); a shortcut-split layer (input channels [split:] with their own
+  quantizers) also holds ``wtags_split``/``w_delta_split``/``w_zero_split`` and ``act_quantizer_split.*``: its
+  rows keep one bit width, so the codes of both halves share the row layout;
 - every other tensor of the QuantUNet (FP layers, norms, embeddings, the ``timesteps`` key buffer, attention
   matmul quantizers) as used: float32, or float16 storage upcast at load (``float_dtype="float16"``).
 - safetensors metadata: {"format", "format_version", "header"}; header (JSON) holds the method + config, bits,
@@ -51,10 +54,12 @@ _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 class PackedLayer(nn.Module):
     """A quantized Conv2d/Linear holding packed integer weights; dequantizes per forward (or once, cached)."""
 
-    def __init__(self, kind, weight_shape, op_args, packed_bytes, smoothing, has_bias, act_quantizer):
+    def __init__(self, kind, weight_shape, op_args, packed_bytes, smoothing, has_bias, act_quantizer, split=0,
+                 act_quantizer_split=None):
         super().__init__()
         cout, cin = weight_shape[0], weight_shape[1]
         self.kind, self.weight_shape, self.op_args, self.smoothing = kind, tuple(weight_shape), dict(op_args), smoothing
+        self.split = int(split)
         self.row_len = int(torch.Size(weight_shape[1:]).numel())
         meta = torch.device("meta")
         self.register_buffer("qweight", torch.empty(packed_bytes, dtype=torch.uint8, device=meta))
@@ -63,34 +68,46 @@ class PackedLayer(nn.Module):
         self.register_buffer("w_zero", torch.empty(cout, device=meta))
         self.register_buffer("smooth", torch.empty(cin, device=meta) if smoothing else None)
         self.register_buffer("bias", torch.empty(cout, device=meta) if has_bias else None)
+        if self.split:
+            self.register_buffer("wtags_split", torch.empty_like(self.wtags))
+            self.register_buffer("w_delta_split", torch.empty(cout, device=meta))
+            self.register_buffer("w_zero_split", torch.empty(cout, device=meta))
         self.act_quantizer = act_quantizer
+        self.act_quantizer_split = act_quantizer_split
         self.cache_weights = False
         self._weight = None
 
     @classmethod
     def like(cls, layer: QuantLayer, packed_bytes):
         """Empty (meta) packed twin of a wrapped layer; the act quantizer is reused as built by quantize_."""
-        kind = "conv" if layer.weight.dim() == 4 else "linear"
+        kind = _kind(layer.weight)
         op_args = ({"stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation,
-                    "groups": layer.groups} if kind == "conv" else {})
+                    "groups": layer.groups} if kind != "linear" else {})
         return cls(kind, layer.weight.shape, op_args, packed_bytes, layer.smoothing, layer.bias is not None,
-                   layer.act_quantizer)
+                   layer.act_quantizer, layer.split, getattr(layer, "act_quantizer_split", None))
 
-    def tags(self):
-        t = unpack_uint(self.wtags, TAG_BITS, (self.weight_shape[0],)).to(torch.int64)
+    def tags(self, suffix=""):
+        t = unpack_uint(getattr(self, "wtags" + suffix), TAG_BITS, (self.weight_shape[0],)).to(torch.int64)
         return (t & 7) + 1, (t >> 3) & 1
 
     @torch.no_grad()
     def dequantize(self):
-        """Ŵ from the packed codes: (clamp((c - ẑ) + z, 0, 2^b - 1) - z)·Δ, the fake quantizer's float ops."""
-        bits, up = self.tags()
+        """Ŵ from the packed codes: (clamp((c - ẑ) + z, 0, 2^b - 1) - z)·Δ, the fake quantizer's float ops
+        (per half, each with its own Δ/z, for a split layer)."""
+        bits, _ = self.tags()
         view = (-1,) + (1,) * (len(self.weight_shape) - 1)
         codes = unpack_rows(self.qweight, bits, self.row_len).reshape(self.weight_shape)
-        z, delta = self.w_zero.view(view), self.w_delta.view(view)
-        z_int = (torch.floor(self.w_zero) + up.to(self.w_zero)).view(view)
-        hi = torch.pow(2.0, bits.to(z.dtype)).view(view) - 1
-        v = codes.to(device=z.device, dtype=z.dtype).sub_(z_int).add_(z)
-        return torch.clamp(v, min=torch.zeros((), dtype=v.dtype, device=v.device), max=hi).sub_(z).mul_(delta)
+        hi = torch.pow(2.0, bits.to(self.w_zero.dtype)).view(view).to(self.w_zero.device) - 1
+        parts = [("", slice(None, self.split or None))] + ([("_split", slice(self.split, None))] if self.split else [])
+        out = []
+        for suffix, part in parts:
+            _, up = self.tags(suffix)
+            zero, delta = getattr(self, "w_zero" + suffix), getattr(self, "w_delta" + suffix)
+            z, d = zero.view(view), delta.view(view)
+            z_int = (torch.floor(zero) + up.to(zero)).view(view)
+            v = codes[:, part].to(device=z.device, dtype=z.dtype).sub_(z_int).add_(z)
+            out.append(torch.clamp(v, min=torch.zeros((), dtype=v.dtype, device=v.device), max=hi).sub_(z).mul_(d))
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def weight_for_forward(self):
         if self._weight is not None:
@@ -103,48 +120,61 @@ class PackedLayer(nn.Module):
     def forward(self, x):
         w = self.weight_for_forward()
         if self.smoothing:
-            view = (1, -1, 1, 1) if self.kind == "conv" else (-1,)
+            view = {"conv": (1, -1, 1, 1), "conv1d": (1, -1, 1)}.get(self.kind, (-1,))
             x = x * (1.0 / self.smooth).view(view)
-        x = self.act_quantizer(x)
-        if self.kind == "conv":
-            a = self.op_args
-            return F.conv2d(x, w, self.bias, a["stride"], a["padding"], a["dilation"], a["groups"])
-        return F.linear(x, w, self.bias)
+        if self.act_quantizer is not None:
+            x = (torch.cat([self.act_quantizer(x[:, :self.split]), self.act_quantizer_split(x[:, self.split:])], 1)
+                 if self.split else self.act_quantizer(x))
+        if self.kind == "linear":
+            return F.linear(x, w, self.bias)
+        a = self.op_args
+        op = F.conv2d if self.kind == "conv" else F.conv1d
+        return op(x, w, self.bias, a["stride"], a["padding"], a["dilation"], a["groups"])
 
     def extra_repr(self):
         return f"{self.kind}, shape={self.weight_shape}, packed_bytes={self.qweight.numel()}"
 
 
 # ------------------------------------------------------------------------------------------------ export
+def _kind(weight):
+    return {4: "conv", 3: "conv1d"}.get(weight.dim(), "linear")
+
+
 @torch.no_grad()
 def pack_layer(layer: QuantLayer):
     """Codes, tags and deviation stats of one wrapped layer: ({suffix: tensor}, layout dict)."""
-    wq = layer.weight_quantizer
     w = layer.merged_weight().detach()
     cout = w.shape[0]
     view = (cout,) + (1,) * (w.dim() - 1)
-    delta, z = wq.delta.detach().view(view), wq.zero.detach().view(view)
+    wq = layer.weight_quantizer
     bits = wq.bits.detach().to(torch.int64).cpu()
     hi = wq.levels().detach() - 1
-    r, up, z_int = _zero_choice(w, delta, z, hi)
-    codes = torch.clamp(r + z_int, min=torch.zeros((), dtype=w.dtype, device=w.device), max=hi)
-    # The decode below is what PackedLayer.dequantize computes; compared with the fake-quant weight.
-    deq = torch.clamp(codes - z_int + z, min=torch.zeros((), dtype=w.dtype, device=w.device), max=hi).sub_(z).mul_(delta)
+    codes, deq, tensors = [], [], {}
+    for (q, part), suffix in zip(layer.weight_quantizers(), ("", "_split")):
+        if not torch.equal(q.bits, wq.bits):
+            raise ValueError("both halves of a split layer must use the same per-channel bit widths")
+        delta, z = q.delta.detach().view(view), q.zero.detach().view(view)
+        r, up, z_int = _zero_choice(w[:, part], delta, z, hi)
+        c = torch.clamp(r + z_int, min=torch.zeros((), dtype=w.dtype, device=w.device), max=hi)
+        codes.append(c)
+        # The decode below is what PackedLayer.dequantize computes; compared with the fake-quant weight.
+        deq.append(torch.clamp(c - z_int + z, min=torch.zeros((), dtype=w.dtype, device=w.device), max=hi)
+                   .sub_(z).mul_(delta))
+        tensors.update({"wtags" + suffix: pack_uint((bits - 1) | (up.cpu() << 3), TAG_BITS),
+                        "w_delta" + suffix: q.delta.detach().float().cpu().clone(),
+                        "w_zero" + suffix: q.zero.detach().float().cpu().clone()})
+    codes, deq = torch.cat(codes, dim=1), torch.cat(deq, dim=1)
     fake = layer.quantized_weight().detach()
     diff = (deq - fake).abs()
-    tensors = {
-        "qweight": pack_rows(codes.to(torch.uint8).cpu().reshape(cout, -1), bits),
-        "wtags": pack_uint((bits - 1) | (up.cpu() << 3), TAG_BITS),
-        "w_delta": wq.delta.detach().float().cpu().clone(),
-        "w_zero": wq.zero.detach().float().cpu().clone(),
-    }
+    tensors["qweight"] = pack_rows(codes.to(torch.uint8).cpu().reshape(cout, -1), bits)
     if layer.smoothing:
         tensors["smooth"] = layer.smooth.detach().cpu().clone()
     hist = torch.bincount(bits, minlength=9)
-    layout = {"role": layer.spec.role, "kind": "conv" if w.dim() == 4 else "linear", "shape": list(w.shape),
+    layout = {"role": layer.spec.role, "kind": _kind(w), "shape": list(w.shape),
               "row_len": int(w[0].numel()), "packed_bytes": tensors["qweight"].numel(),
               "bits": {str(b): int(n) for b, n in enumerate(hist.tolist()) if n},
               "total_bits": int((bits * w[0].numel()).sum()), "smoothing": bool(layer.smoothing),
+              "split": int(layer.split),
               "deviation": {"count": int((diff > 0).sum()), "max_abs": float(diff.max()) if diff.numel() else 0.0}}
     return tensors, layout
 
@@ -160,8 +190,8 @@ def snap_zero_points_(qunet: QuantUNet):
     largest = 0.0
     for _, layer in qunet.quant_layers():
         before = layer.quantized_weight().detach()
-        wq = layer.weight_quantizer
-        wq.zero.copy_(torch.round(wq.zero))
+        for wq, _ in layer.weight_quantizers():
+            wq.zero.copy_(torch.round(wq.zero))
         layer.clear_cache()
         largest = max(largest, float((layer.quantized_weight().detach() - before).abs().max()))
     return largest
@@ -223,8 +253,10 @@ def export_quantized(qunet: QuantUNet, path, unet_config=None, float_dtype="floa
         packed, layouts[name] = pack_layer(layer)
         if layer.bias is not None:
             packed["bias"] = layer.bias.detach().cpu().to(_FLOAT_DTYPES[float_dtype])
-        for k, v in layer.act_quantizer.state_dict().items():
-            packed[f"act_quantizer.{k}"] = v.detach().cpu().clone()
+        for attr in ("act_quantizer", "act_quantizer_split"):
+            act = getattr(layer, attr, None)
+            for k, v in ({} if act is None else act.state_dict()).items():
+                packed[f"{attr}.{k}"] = v.detach().cpu().clone()
         tensors.update({f"unet.{name}.{k}": v.contiguous() for k, v in packed.items()})
     header = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "toolkit_version": toolkit_version(),
@@ -318,7 +350,7 @@ def load_export(path, model, dequantize_at_load=False, cache_weights=False, veri
     header = read_header(path)
     unet = _build_unet(model, header)
     qconfig = dataclasses.replace(config_from_dict(header["config"]), lora_rank=0)  # LoRA is merged
-    qunet = quantize_(unet, qconfig, header["timesteps"])
+    qunet = quantize_(unet, qconfig, header["timesteps"], header.get("policy"))
     layers = dict(qunet.quant_layers())
     want = header["layers"]
     for name in list(layers) + list(want):

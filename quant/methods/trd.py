@@ -27,12 +27,19 @@ TRD_CADENCES = ("aligned", "sliding")
 
 
 def feature_block(unet: torch.nn.Module) -> torch.nn.Module:
-    """The block whose output TRD distils: ``output_blocks[-1]`` of the (possibly wrapped) UNet."""
+    """The block whose output TRD distils: the last decoder block of the (possibly wrapped) UNet, i.e.
+    ``output_blocks[-1]`` of a CompVis UNetModel, and for the DDIM paper's Model the last module of its last
+    decoder level ``up[0]`` (its last attention block if that level has one, else its last ResnetBlock)."""
     for module in unet.modules():
         blocks = getattr(module, "output_blocks", None)
         if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
             return blocks[-1]
-    raise UserError(f"TRD needs a UNet with output_blocks, but {type(unet).__name__} has none.")
+        levels = getattr(module, "up", None)
+        if isinstance(levels, torch.nn.ModuleList) and len(levels) > 0 and hasattr(module, "conv_out"):
+            level = levels[0]  # the DDIM Model stores its decoder levels reversed: up[0] runs last
+            return level.attn[-1] if len(level.attn) > 0 else level.block[-1]
+    raise UserError(f"TRD needs a UNet with output_blocks (CompVis) or up levels (DDIM Model), but "
+                    f"{type(unet).__name__} has neither.")
 
 
 def normalize_channels(feat: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -27,7 +27,13 @@ def calibrate_layer(layer, x, handler, config):
         if layer.smoothing:
             layer.smooth.copy_(smoothing_factors(x, layer.weight, config.smoothing_alpha))
         log = {"role": "quant", **handler.init_weights(layer, x, config)}
-    layer.act_quantizer.calibrate(layer.smooth_input(x))
+    if layer.act_quantizer is not None:                  # a policy may leave a layer's input unquantized
+        x_s = layer.smooth_input(x)
+        if layer.split:
+            layer.act_quantizer.calibrate(x_s[:, :layer.split])
+            layer.act_quantizer_split.calibrate(x_s[:, layer.split:])
+        else:
+            layer.act_quantizer.calibrate(x_s)
     layer.calibrated.fill_(True)
     layer.clear_cache()
     return log
@@ -77,7 +83,9 @@ def calibrate(qunet, x, t, context=None, **unet_kwargs):
     qunet.eval()
     try:
         with calibration_hooks(qunet, log):
-            qunet.unet(x, t, context=context, **unet_kwargs)
+            if context is not None:  # the pixel family's network takes no context argument
+                unet_kwargs = {**unet_kwargs, "context": context}
+            qunet.unet(x, t, **unet_kwargs)
     finally:
         qunet.train(was_training)
     missing = [n for n, m in qunet.quant_layers() if not bool(m.calibrated)]

@@ -1,9 +1,12 @@
 """Stage 3: quantization-aware fine-tuning of a quantized UNet against its FP teacher (MPQ-DM.md §9).
 
-Per epoch e: B classes and x_T from a generator seeded with ``seed + e``; one S-step DDIM trajectory. Per step p
-(0 = noisiest, schedule index k = S-1-p): teacher (no grad) and student see the same CFG batch [x_t; x_t],
-[t; t], [uc; c]; loss = Σ(ε̃_q − ε̃_fp)² (sum) + TRD when due; backward; AdamW step; linear LR decay step. The
-next latent comes from the TEACHER's ε̃ (teacher forcing), so the trajectory is independent of the student.
+Per epoch e: B conditions (class labels, or prompts drawn from the training prompt set, or none) and x_T from a
+generator seeded with ``seed + e``; one trajectory of the model family's fine-tuning schedule
+(ldm.pipelines: uniform DDIM for LDMs; the pixel family's quad/uniform sequence with ᾱ₋₁ = 1, identity steps
+skipped). Per trained step p (0 = noisiest): teacher (no grad) and student see the same CFG batch [x_t; x_t],
+[t; t], [uc; c] (no guidance for unconditional models); loss = Σ(ε̃_q − ε̃_fp)² (sum) + TRD when due; backward;
+AdamW step; linear LR decay step. The next sample comes from the TEACHER's ε̃ (teacher forcing), so the trajectory
+is independent of the student.
 
 Because every draw derives from the epoch, a resumable checkpoint needs only the trainable tensors, the
 optimizer, the scheduler and the epoch; the student's other state is rebuilt deterministically from the naive
@@ -12,6 +15,9 @@ gradient checkpointing, previews and uneven call patterns are safe.
 """
 import contextlib
 import dataclasses
+import hashlib
+import io
+import json
 import math
 import os
 import warnings
@@ -19,8 +25,8 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
-from ldm.util import UserError, atomic_save
+from ldm.pipelines import adapter_for
+from ldm.util import UserError, atomic_save, atomic_write_bytes, write_error
 from quant.artifacts import check_meta, plain
 from quant.methods.trd import TRD
 
@@ -32,8 +38,10 @@ class FinetuneConfig:
     ddim_steps: int = 20
     ddim_eta: float = 0.0
     guidance_scale: float = 3.0         # ignored for unconditional models
-    num_classes: int = 1000             # None: unconditional model (no CFG)
+    num_classes: int = 1000             # None: not class-conditional (text: see prompts; else unconditional, no CFG)
     null_class: int = 1000
+    prompts: tuple = None               # text models: the training prompts, B drawn per epoch like the classes
+    skip_type: str = None               # pixel family: the sequence's spacing (quad / uniform); None for LDMs
     seed: int = 3407                    # epoch e uses seed + e
     betas: tuple = (0.9, 0.999)
     weight_decay: float = 0.01
@@ -58,11 +66,20 @@ class FinetuneConfig:
         """The settings a checkpoint must share with a restart (everything that changes the trajectory)."""
         skip = {"checkpoint_every", "preview_every", "preview_classes", "preview_seed", "progress", "nan_patience",
                 "grad_checkpoint"}
-        return {k: plain(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+        key = {k: plain(v) for k, v in dataclasses.asdict(self).items() if k not in skip}
+        if self.prompts is not None:  # the set, not its text: a checkpoint names it by count and hash
+            text = json.dumps(list(self.prompts)).encode("utf-8")
+            key["prompts"] = {"n": len(self.prompts), "sha256": hashlib.sha256(text).hexdigest()}
+        return key
 
 
 class FinetuneDiverged(RuntimeError):
-    """Too many consecutive non-finite losses or gradients."""
+    """Too many consecutive non-finite losses or gradients. ``checkpoint_epoch``: epochs held by the resumable
+    checkpoint on disk (None when none was written or loaded), so the caller can give advice that can be followed."""
+
+    def __init__(self, message, epoch=None, step=None, checkpoint_epoch=None):
+        super().__init__(message)
+        self.epoch, self.step, self.checkpoint_epoch = epoch, step, checkpoint_epoch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,30 +119,9 @@ def class_conditioning(model, labels):
     return model.get_learned_conditioning({key: labels})
 
 
-class DDIMSchedule:
-    """Uniform DDIM schedule of the LDM (ascending timesteps) and the η-dependent update."""
-
-    def __init__(self, model, steps: int, eta: float):
-        self.timesteps = [int(t) for t in make_ddim_timesteps("uniform", steps, model.num_timesteps, verbose=False)]
-        sigmas, alphas, alphas_prev = make_ddim_sampling_parameters(model.alphas_cumprod.detach().cpu(),
-                                                                    self.timesteps, eta, verbose=False)
-        self.alphas = torch.as_tensor(alphas, dtype=torch.float32)
-        self.alphas_prev = torch.as_tensor(alphas_prev, dtype=torch.float32)
-        self.sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
-        self.eta = float(eta)
-
-    def __len__(self):
-        return len(self.timesteps)
-
-    def step(self, x, eps, k, generator=None):
-        """x_{t_{k-1}} from x_{t_k} and ε (DDIM, Song et al. eq. 12); noise drawn from ``generator`` when η > 0."""
-        a_t, a_prev, sigma = self.alphas[k].item(), self.alphas_prev[k].item(), self.sigmas[k].item()
-        pred_x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
-        x_prev = math.sqrt(a_prev) * pred_x0 + math.sqrt(max(0.0, 1.0 - a_prev - sigma ** 2)) * eps
-        if sigma > 0:
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-            x_prev = x_prev + sigma * noise
-        return x_prev
+def trajectory_for(model, cfg):
+    """The family's fine-tuning trajectory (ldm.pipelines.Trajectory) of the config's steps, eta and spacing."""
+    return adapter_for(model).trajectory(cfg.ddim_steps, cfg.ddim_eta, cfg.skip_type)
 
 
 def set_grad_checkpointing(unet, flag: bool):
@@ -150,20 +146,26 @@ def _trainable_state(unet):
 
 
 def _epoch_draws(cfg, shape, epoch, device):
+    """(generator, conditions: class labels [B] on device / B prompts / None, x_T) of an epoch."""
     gen = torch.Generator().manual_seed(cfg.seed + epoch)
-    labels = None
+    items = None
     if cfg.num_classes is not None:
-        labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen)
+        items = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=gen).to(device)
+    elif cfg.prompts:
+        idx = torch.randint(0, len(cfg.prompts), (cfg.batch_size,), generator=gen)
+        items = [cfg.prompts[i] for i in idx.tolist()]
     x_T = torch.randn((cfg.batch_size, *shape), generator=gen)
-    return gen, (None if labels is None else labels.to(device)), x_T.to(device)
+    return gen, items, x_T.to(device)
 
 
-def _conditions(model, cfg, labels):
-    if labels is None:
+@torch.no_grad()
+def _conditions(model, cfg, items):
+    """(cond, uncond) contexts: the class embedder with the null class, or the text encoder with "" ."""
+    if items is None:
         return None, None
-    cond = class_conditioning(model, labels)
-    uncond = class_conditioning(model, torch.full_like(labels, cfg.null_class))
-    return cond, uncond
+    if cfg.num_classes is not None:
+        return class_conditioning(model, items), class_conditioning(model, torch.full_like(items, cfg.null_class))
+    return model.get_learned_conditioning(list(items)), model.get_learned_conditioning([""] * len(items))
 
 
 def _grads_finite(params):
@@ -210,19 +212,20 @@ def finetune(model, student_unet, param_groups, cfg: FinetuneConfig, *, teacher_
     teacher_unet = teacher_unet if teacher_unet is not None else model.model.diffusion_model
     device = next(student_unet.parameters()).device
     shape = tuple(cfg.latent_shape or (model.channels, model.image_size, model.image_size))
-    schedule = DDIMSchedule(model, cfg.ddim_steps, cfg.ddim_eta)
+    schedule = trajectory_for(model, cfg)
     n_steps, total = len(schedule), cfg.epochs * len(schedule)
 
     groups = [dict(g) for g in param_groups]
-    for g in groups:
-        g.setdefault("weight_decay", cfg.weight_decay)
+    for g in groups:  # the config is the one source of the decay (it is recorded in the resume key)
+        g["weight_decay"] = cfg.weight_decay
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_decay(total))
 
-    start_epoch, history = 0, []
+    start_epoch, history, saved_epoch = 0, [], None
     if ckpt_path and os.path.isfile(ckpt_path):
         start_epoch, history = _load_checkpoint(ckpt_path, cfg, student_unet, optimizer, scheduler)
+        saved_epoch = start_epoch
         log(f"resuming fine-tuning from {ckpt_path} at epoch {start_epoch}/{cfg.epochs}")
 
     trd = TRD(teacher_unet, student_unet, mode=cfg.trd_mode, window=cfg.trd_window, lam=cfg.trd_lambda,
@@ -240,9 +243,7 @@ def finetune(model, student_unet, param_groups, cfg: FinetuneConfig, *, teacher_
             cond, uncond = _conditions(model, cfg, labels)
             trd.reset()
             sums = {"loss": 0.0, "out": 0.0, "trd": 0.0, "trd_terms": 0, "skipped": 0}
-            for p in range(n_steps):
-                k = n_steps - 1 - p
-                t = schedule.timesteps[k]
+            for p, (k, t) in enumerate(schedule.order):
                 e_fp, loss, out_loss, trd_loss = _losses(model, teacher_unet, student_unet, trd, x, t, p,
                                                          cond, uncond, cfg.guidance_scale)
                 logged = out_loss + (0.0 if trd_loss is None else trd_loss)
@@ -254,8 +255,7 @@ def finetune(model, student_unet, param_groups, cfg: FinetuneConfig, *, teacher_
                     log(f"epoch {epoch} step {p}: non-finite loss or gradient ({logged}); step skipped")
                     if bad_streak >= cfg.nan_patience:
                         raise FinetuneDiverged(f"fine-tuning diverged: {bad_streak} consecutive non-finite steps "
-                                               f"(epoch {epoch}, step {p}); lower the learning rates or resume "
-                                               "from the last checkpoint")
+                                               f"(epoch {epoch}, step {p})", epoch, p, saved_epoch)
                 else:
                     bad_streak = 0
                     sums["loss"] += logged
@@ -274,13 +274,21 @@ def finetune(model, student_unet, param_groups, cfg: FinetuneConfig, *, teacher_
                             "trd": sums["trd"] / max(1, sums["trd_terms"]), "lr_factor": scheduler.get_last_lr()[0]
                             / optimizer.param_groups[0]["initial_lr"],
                             "skipped": sums["skipped"]})
+            # the checkpoint comes first: nothing that can fail after an epoch may cost that epoch
             last = epoch + 1 == stop
             if ckpt_path and (last or (cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0)):
                 _save_checkpoint(ckpt_path, cfg, epoch + 1, student_unet, optimizer, scheduler, history)
+                saved_epoch = epoch + 1
             due_preview = cfg.preview_every and ((epoch + 1) % cfg.preview_every == 0 or epoch + 1 == cfg.epochs)
             if preview_dir and due_preview:
                 path = os.path.join(preview_dir, f"preview_epoch{epoch + 1:05d}.png")
-                write_preview(model, student_unet, cfg, schedule, path)
+                try:
+                    write_preview(model, student_unet, cfg, schedule, path)
+                except OSError as err:
+                    if ckpt_path and saved_epoch != epoch + 1:
+                        _save_checkpoint(ckpt_path, cfg, epoch + 1, student_unet, optimizer, scheduler, history)
+                    kept = f"; the checkpoint {ckpt_path} holds epoch {epoch + 1}" if ckpt_path else ""
+                    raise UserError(f"{write_error(path, err)}{kept}") from None
     finally:
         bar.close()
         trd.remove()
@@ -289,9 +297,13 @@ def finetune(model, student_unet, param_groups, cfg: FinetuneConfig, *, teacher_
 
 
 def _save_checkpoint(path, cfg, epoch, unet, optimizer, scheduler, history):
-    atomic_save({"meta": {"kind": "finetune-resume", "epoch": epoch, **cfg.resume_key()},
-                 "trainable": _trainable_state(unet), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "history": history}, path)
+    """Atomic: a failed write leaves the previous checkpoint intact (and says so)."""
+    try:
+        atomic_save({"meta": {"kind": "finetune-resume", "epoch": epoch, **cfg.resume_key()},
+                     "trainable": _trainable_state(unet), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "history": history}, path)
+    except OSError as err:
+        raise UserError(f"{write_error(path, err)}; the previous checkpoint, if any, is intact") from None
 
 
 def _load_checkpoint(path, cfg, unet, optimizer, scheduler):
@@ -300,6 +312,10 @@ def _load_checkpoint(path, cfg, unet, optimizer, scheduler):
     except Exception as err:
         raise UserError(f"The resume checkpoint {path} could not be read ({type(err).__name__}); "
                         "delete it to start over.") from None
+    if not (isinstance(state, dict) and isinstance(state.get("meta"), dict)
+            and {"trainable", "optimizer", "scheduler", "history"} <= set(state)):
+        raise UserError(f"The resume checkpoint {path} is not a fine-tuning checkpoint; delete it (or pass "
+                        "--restart) to start over.")
     check_meta(state["meta"], cfg.resume_key(), what=f"resume checkpoint {path}",
                hint="restart with the arguments that made it, or delete it to start over")
     own = dict(unet.named_parameters())
@@ -312,8 +328,12 @@ def _load_checkpoint(path, cfg, unet, optimizer, scheduler):
     with torch.no_grad():
         for name, value in state["trainable"].items():
             own[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, ValueError, TypeError) as err:
+        raise UserError(f"The resume checkpoint {path} holds an optimizer state that does not fit this student "
+                        f"({type(err).__name__}); delete it to start over.") from None
     return int(state["meta"]["epoch"]), list(state["history"])
 
 
@@ -323,12 +343,11 @@ def trajectory_loss(model, student_unet, cfg: FinetuneConfig, epoch: int = 0, te
     teacher_unet = teacher_unet if teacher_unet is not None else model.model.diffusion_model
     device = next(student_unet.parameters()).device
     shape = tuple(cfg.latent_shape or (model.channels, model.image_size, model.image_size))
-    schedule = DDIMSchedule(model, cfg.ddim_steps, cfg.ddim_eta)
-    gen, labels, x = _epoch_draws(cfg, shape, epoch, device)
-    cond, uncond = _conditions(model, cfg, labels)
+    schedule = trajectory_for(model, cfg)
+    gen, items, x = _epoch_draws(cfg, shape, epoch, device)
+    cond, uncond = _conditions(model, cfg, items)
     total = 0.0
-    for k in reversed(range(len(schedule))):
-        t = schedule.timesteps[k]
+    for k, t in schedule.order:
         e_fp = guided_eps(model, teacher_unet, x, t, cond, uncond, cfg.guidance_scale)
         e_q = guided_eps(model, student_unet, x, t, cond, uncond, cfg.guidance_scale)
         total += (e_q.float() - e_fp.float()).pow(2).sum().item()
@@ -342,7 +361,8 @@ def trajectory_loss(model, student_unet, cfg: FinetuneConfig, epoch: int = 0, te
 
 @torch.no_grad()
 def sample_latents(model, unet, cfg, schedule, labels=None, n=None, seed=0):
-    """A DDIM trajectory driven by ``unet`` alone (used for previews)."""
+    """A trajectory of the fine-tuning schedule driven by ``unet`` alone (used for previews); labels: class ids
+    or prompts."""
     shape = tuple(cfg.latent_shape or (model.channels, model.image_size, model.image_size))
     device = next(unet.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -351,8 +371,10 @@ def sample_latents(model, unet, cfg, schedule, labels=None, n=None, seed=0):
     cond = uncond = None
     if labels is not None and cfg.num_classes is not None:
         cond, uncond = _conditions(model, cfg, torch.as_tensor(labels, device=device))
-    for k in reversed(range(len(schedule))):
-        eps = guided_eps(model, unet, x, schedule.timesteps[k], cond, uncond, cfg.guidance_scale)
+    elif labels is not None and cfg.prompts:
+        cond, uncond = _conditions(model, cfg, list(labels))
+    for k, t in schedule.order:
+        eps = guided_eps(model, unet, x, t, cond, uncond, cfg.guidance_scale)
         x = schedule.step(x, eps, k, gen)
     return x
 
@@ -363,13 +385,15 @@ def write_preview(model, unet, cfg, schedule, path):
     was_training = unet.training
     unet.eval()
     try:
-        labels = list(cfg.preview_classes) if cfg.num_classes is not None else None
+        labels = (list(cfg.preview_classes) if cfg.num_classes is not None
+                  else list(cfg.prompts[:2]) if cfg.prompts else None)
         z = sample_latents(model, unet, cfg, schedule, labels=labels, n=2, seed=cfg.preview_seed)
         img = model.decode_first_stage(z)
     finally:
         unet.train(was_training)
     img = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()  # [n, 3, H, W]
     grid = torch.cat(list(img), dim=2).permute(1, 2, 0).numpy()          # side by side
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(grid).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
     return path

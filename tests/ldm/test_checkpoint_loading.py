@@ -70,8 +70,16 @@ def test_missing_checkpoint_names_download_command(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    record, sd = load_composed("f_ldm_sd_tiny.sampling")
-    return {"model": record["config"]}, sd
+    """(config, state dict) of the shipped digits LDM: a small model of the repository's own, so these loader
+    tests run without the shared reference folder."""
+    from omegaconf import OmegaConf
+
+    from ldm.presets import get_preset
+    preset = get_preset("digits")
+    if not os.path.isfile(preset.ckpt_path):
+        pytest.skip(f"the shipped digits checkpoint {preset.ckpt_path} is missing (scripts/train_digits_ldm.py)")
+    sd = load_checkpoint(preset.ckpt_path)["state_dict"]
+    return OmegaConf.to_container(OmegaConf.load(preset.config_path)), OrderedDict(sd)
 
 
 def _container(sd, **extra):
@@ -144,3 +152,36 @@ def test_first_stage_ckpt_path_tolerates_only_training_loss_keys(tmp_path):
     with pytest.raises(UserError, match="not found"):
         AutoencoderKL(ddconfig=cfg["ddconfig"], lossconfig=cfg["lossconfig"], embed_dim=4,
                       ckpt_path=str(tmp_path / "none.ckpt"))
+
+
+# ---------------------------------------------------------------------------------------------- config targets
+def test_config_targets_outside_the_toolkit_need_trust(tmp_path):
+    from ldm.util import instantiate_from_config
+
+    marker = tmp_path / "pwned"
+    with pytest.raises(UserError, match="--trust_config") as err:
+        instantiate_from_config({"target": "os.system", "params": {"command": f"touch {marker}"}})
+    assert "os.system" in str(err.value) and not marker.exists()
+    nested = {"target": "torch.nn.Sequential", "params": {"foo": {"target": "subprocess.Popen"}}}
+    with pytest.raises(UserError, match="subprocess.Popen"):  # checked before anything is imported or called
+        instantiate_from_config(nested)
+    assert isinstance(instantiate_from_config({"target": "torch.nn.Identity"}), torch.nn.Identity)
+    assert instantiate_from_config({"target": "collections.OrderedDict"}, trust_config=True) == OrderedDict()
+
+
+def test_trust_reaches_the_sub_configs_a_model_builds(tmp_path):
+    """LatentDiffusion instantiates its first stage (and that its lossconfig) itself: the opt-in given at the top
+    must hold there too, and only for that call."""
+    from omegaconf import OmegaConf
+
+    from ldm.presets import get_preset
+    from ldm.util import instantiate_from_config
+
+    config = OmegaConf.load(get_preset("digits").config_path).model
+    config.params.first_stage_config.params.lossconfig.target = "collections.OrderedDict"
+    with pytest.raises(UserError, match="collections.OrderedDict"):
+        instantiate_from_config(config)
+    model = instantiate_from_config(config, trust_config=True)
+    assert isinstance(model.first_stage_model.loss, OrderedDict)
+    with pytest.raises(UserError):  # the opt-in did not leak into later calls
+        instantiate_from_config(config.params.first_stage_config)

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.modules.ema import LitEma
-from refdata import build_tiny_ldm, load_composed, ref_dir, require
+from refdata import ref_dir, require
 
 
 def _schedule_only(linear_start, linear_end):
@@ -28,9 +28,23 @@ def test_schedule_buffers_bit_exact(setting):
     assert "lvlb_weights" not in sd
 
 
+def _digits_preset():
+    import os
+
+    from ldm.presets import get_preset
+    preset = get_preset("digits")
+    if not os.path.isfile(preset.ckpt_path):
+        pytest.skip(f"the shipped digits checkpoint {preset.ckpt_path} is missing (scripts/train_digits_ldm.py)")
+    return preset
+
+
 @pytest.fixture(scope="module")
 def cin():
-    return build_tiny_ldm("e_ldm_cin_tiny.sampling")[1]
+    """The shipped digits LDM: class-conditional (ClassEmbedder), VQ first stage, 3x8x8 latents, like the
+    reference's tiny cin LDM but part of the repository."""
+    from ldm.presets import load_preset_model
+    _digits_preset()
+    return load_preset_model("digits", "cpu")
 
 
 def test_eps_training_loss_is_mean_squared_error(cin):
@@ -68,10 +82,11 @@ def test_train_keeps_first_stage_frozen_in_eval(cin):
 
 
 def test_lit_ema_update_and_scope():
-    record, sd = load_composed("e_ldm_cin_tiny.sampling")
+    from omegaconf import OmegaConf
+
     from ldm.util import instantiate_from_config
-    cfg = {"target": record["config"]["target"], "params": dict(record["config"]["params"], use_ema=True)}
-    model = instantiate_from_config(cfg)
+    config = OmegaConf.to_container(OmegaConf.load(_digits_preset().config_path).model)
+    model = instantiate_from_config({"target": config["target"], "params": dict(config["params"], use_ema=True)})
     ema = model.model_ema
     assert ema.num_updates.dtype == torch.int32 and ema.decay.dtype == torch.float32
     name = "diffusion_model.out.2.weight"

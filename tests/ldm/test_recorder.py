@@ -78,8 +78,22 @@ def test_plms_lookahead_call_stays_a_separate_entry(cin):
     assert len(entries) == 6 and all(e["x"].shape[0] == 4 for e in entries)
 
 
-def test_hook_removed_after_exit_even_on_error(cin):
-    _, model, c, _ = cin
+@pytest.fixture(scope="module")
+def digits():
+    """(model, context of two classes) of the shipped digits LDM (no reference data needed)."""
+    import os
+
+    from ldm.presets import get_preset, load_preset_model
+    if not os.path.isfile(get_preset("digits").ckpt_path):
+        pytest.skip("the shipped digits checkpoint is missing (scripts/train_digits_ldm.py)")
+    model = load_preset_model("digits", "cpu")
+    with torch.no_grad():
+        c = model.get_learned_conditioning({"class_label": torch.tensor([1, 2])})
+    return model, c
+
+
+def test_hook_removed_after_exit_even_on_error(digits):
+    model, c = digits
     unet = model.model.diffusion_model
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([5, 5])
     with pytest.raises(RuntimeError, match="boom"):

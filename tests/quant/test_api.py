@@ -1,6 +1,6 @@
 import collections
 import dataclasses
-import json
+import os
 
 import pytest
 import torch
@@ -11,9 +11,9 @@ from quant import (calibrate, convert_schedule, load_quantized, make_config, par
 from quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 from quant.policy import SPECIAL_LAYERS, classify
 
-from refdata import ref_dir
+from refdata import TINY_CIN_UNET, ref_dir, require
 
-REF = f"{ref_dir()}/configs/"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMESTEPS = [1, 51, 101, 151]
 
 
@@ -45,10 +45,12 @@ def test_valid_configs_and_defaults():
 @pytest.mark.parametrize("name, conv, lin", [("cin256-v2", 81, 184), ("lsun_bedrooms-ldm-vq-4", 49, 24),
                                              ("lsun_churches-ldm-kl-8", 72, 37)])
 def test_policy_counts_full_size_meta(name, conv, lin):
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-    params = json.load(open(f"{REF}{name}.hparams.json"))["config"]["model"]["params"]["unet_config"]["params"]
-    with torch.device("meta"):
-        unet = UNetModel(**params)
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+    config = OmegaConf.load(os.path.join(REPO, "configs", "latent-diffusion", f"{name}.yaml"))
+    with torch.device("meta"):  # the repository's own config, full size, without allocating any weight
+        unet = instantiate_from_config(config.model.params.unet_config)
     mods = dict(unet.named_modules())
     roles = classify(unet)
     kinds = collections.Counter((r, type(mods[n]).__name__) for n, r in roles.items())
@@ -152,3 +154,9 @@ def test_param_groups_learning_rates(tiny_cin):
         assert all(g["weight_decay"] == 0.01 for g in groups)
         trainable = {id(p) for p in q.parameters() if p.requires_grad}
         assert trainable == {id(p) for g in groups for p in g["params"]}
+
+
+def test_tiny_unet_is_the_reference_vectors_structure():
+    """The quant tests' tiny UNet (tests/refdata.py) has the config of the reference vector a_unet_cin_tiny."""
+    record = torch.load(require(ref_dir() / "vectors" / "a_unet_cin_tiny.pt"), weights_only=True)
+    assert dict(record["config"]) == TINY_CIN_UNET

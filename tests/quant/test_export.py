@@ -19,24 +19,17 @@ from quant.export import (PackedLayer, export_quantized, load_export, read_heade
                           theoretical_bytes)
 from quant.quantizer import init_max
 
-from refdata import ref_dir
+from refdata import TINY_CIN_UNET, tiny_cin_unet
 
-VEC = f"{ref_dir()}/vectors"
 TIMESTEPS = [1, 334, 667]
 
 
 def tiny_config():
-    return torch.load(f"{VEC}/a_unet_cin_tiny.pt", weights_only=True)["config"]
+    return dict(TINY_CIN_UNET)
 
 
 def tiny_unet():
-    main = torch.load(f"{VEC}/a_unet_cin_tiny.pt", weights_only=True)
-    sd = {}
-    for f in main["weights_files"]:
-        sd.update(torch.load(f"{VEC}/{f}", weights_only=True)["state_dict"])
-    unet = UNetModel(**main["config"])
-    unet.load_state_dict(sd, strict=True)
-    return unet.eval()
+    return tiny_cin_unet(seed=0)
 
 
 @torch.no_grad()

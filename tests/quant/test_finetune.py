@@ -197,9 +197,11 @@ def test_nan_guard_skips_then_aborts(fp_model, naive_state):
         layer.act_quantizer.delta.fill_(float("nan"))
     before = _trainable(student)
     msgs = []
-    with pytest.raises(FinetuneDiverged, match="3 consecutive"):
+    with pytest.raises(FinetuneDiverged, match="3 consecutive") as err:
         finetune(fp_model, student, groups, _cfg(nan_patience=3), log=msgs.append)
     assert sum("skipped" in m for m in msgs) == 3
+    # epoch 0, no checkpoint: nothing to resume, and the message must not suggest it
+    assert err.value.epoch == 0 and err.value.checkpoint_epoch is None and "resum" not in str(err.value)
     after = _trainable(student)
     assert all(torch.equal(before[n], after[n]) or torch.isnan(before[n]).any() for n in before)
 
@@ -267,3 +269,19 @@ def test_lora_lr_scale_scales_only_the_lora_groups(tiny_cin):
     lora = [n for n in lrs[0] if n.startswith("lora:")]
     assert lora and all(lrs[1][n] == pytest.approx(0.1 * lrs[0][n]) for n in lora)
     assert all(lrs[1][n] == lrs[0][n] for n in lrs[0] if not n.startswith("lora:"))
+
+
+def test_weight_decay_of_the_config_reaches_every_group(fp_model, naive_state, tmp_path):
+    """FinetuneConfig.weight_decay is what AdamW uses (the groups of param_groups carry 0.01 by default)."""
+    ckpt = tmp_path / "state.pt"
+    for decay in (0.05, 0.0):
+        student = _student(fp_model, naive_state)
+        groups = param_groups(student)
+        assert all(g["weight_decay"] == 0.01 for g in groups)
+        if ckpt.exists():
+            ckpt.unlink()
+        finetune(fp_model, student, groups, _cfg(epochs=1, weight_decay=decay, trd_mode="off"), ckpt_path=str(ckpt),
+                 log=lambda *_: None)
+        state = torch.load(ckpt, weights_only=True)
+        assert [g["weight_decay"] for g in state["optimizer"]["param_groups"]] == [decay] * len(groups)
+        assert state["meta"]["weight_decay"] == decay

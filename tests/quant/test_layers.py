@@ -8,9 +8,9 @@ from quant.quantizer import init_max
 from quant.step import step_scope
 
 
-def _conv(seed=0, cin=8, cout=12):
+def _conv(seed=0, cin=8, cout=12, device="cpu"):
     torch.manual_seed(seed)
-    return torch.nn.Conv2d(cin, cout, 3, padding=1, stride=1)
+    return torch.nn.Conv2d(cin, cout, 3, padding=1, stride=1).to(device)
 
 
 def _set_state(layer, seed):
@@ -27,11 +27,11 @@ def _set_state(layer, seed):
     layer.act_quantizer.make_temporal()
 
 
-def test_conv_forward_matches_spec_formula():
-    conv = _conv()
+def test_conv_forward_matches_spec_formula(test_device):
+    conv = _conv(device=test_device)
     layer = QuantConv2d.from_module(conv, LayerSpec(w_bits=2, a_bits=4, n_steps=3, lora_rank=4, smoothing=True))
     _set_state(layer, 1)
-    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(2)).to(test_device)
     with step_scope(1):
         y = layer(x)
     # second computation, straight from MPQ-DM.md §4
@@ -47,10 +47,11 @@ def test_conv_forward_matches_spec_formula():
     assert torch.allclose(y, F.conv2d(x_hat, w_hat, conv.bias, padding=1), atol=1e-5)
 
 
-def test_gradients_reach_trainables_and_eval_cache():
-    layer = QuantConv2d.from_module(_conv(), LayerSpec(w_bits=3, a_bits=4, n_steps=3, lora_rank=4, smoothing=True))
+def test_gradients_reach_trainables_and_eval_cache(test_device):
+    layer = QuantConv2d.from_module(_conv(device=test_device),
+                                    LayerSpec(w_bits=3, a_bits=4, n_steps=3, lora_rank=4, smoothing=True))
     _set_state(layer, 3)
-    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(4)).to(test_device)
     with step_scope(2):
         layer(x).square().sum().backward()
     for p in (layer.lora.lora_A, layer.lora.lora_B, layer.weight_quantizer.delta, layer.weight_quantizer.zero):
@@ -69,13 +70,14 @@ def test_gradients_reach_trainables_and_eval_cache():
         assert torch.allclose(layer(x), y3, atol=1e-6)         # training path == cached eval path
 
 
-def test_w8a8_special_layer_close_to_fp():
+def test_w8a8_special_layer_close_to_fp(test_device):
     handler = get_method("mpqdm")[1]
     cfg = make_config("mpqdm", w_bits=2, a_bits=4)
     g = torch.Generator().manual_seed(5)
-    lin = torch.nn.Linear(64, 32)
-    conv = _conv(cin=16, cout=24)
+    lin = torch.nn.Linear(64, 32).to(test_device)
+    conv = _conv(cin=16, cout=24, device=test_device)
     for m, x in ((lin, torch.randn(16, 64, generator=g)), (conv, torch.randn(4, 16, 8, 8, generator=g))):
+        x = x.to(test_device)
         layer = (QuantLinear if m is lin else QuantConv2d).from_module(m, LayerSpec(role="special"))
         assert layer.lora is None and not layer.smoothing
         assert all(not p.requires_grad for p in layer.parameters())
@@ -87,14 +89,14 @@ def test_w8a8_special_layer_close_to_fp():
         assert rel < 0.01
 
 
-def test_efficientdm_integer_weight():
+def test_efficientdm_integer_weight(test_device):
     handler = get_method("efficientdm")[1]
     cfg = make_config("efficientdm", w_bits=3, a_bits=8)
     spec = handler.layer_spec(cfg, "quant", 3)
-    lin = torch.nn.Linear(20, 10)
-    layer = QuantLinear.from_module(lin, spec)
+    lin = torch.nn.Linear(20, 10).to(test_device)
+    layer = QuantLinear.from_module(lin, spec, torch.Generator().manual_seed(0))
     assert spec.int_weight and not spec.smoothing and layer.lora.kind == "linear"
-    x = torch.randn(5, 20, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(5, 20, generator=torch.Generator().manual_seed(6)).to(test_device)
     calibrate_layer(layer, x, handler, cfg)
     d, z = init_max(lin.weight, 3, per_channel=True)
     naive = (torch.clamp(torch.round(lin.weight / d[:, None]) + z[:, None], 0, 7) - z[:, None]) * d[:, None]
@@ -104,13 +106,13 @@ def test_efficientdm_integer_weight():
     assert torch.allclose(layer.quantized_weight(), naive, atol=1e-6)
 
 
-def test_state_dict_loads_into_fresh_layer_without_forward():
-    conv = _conv()
+def test_state_dict_loads_into_fresh_layer_without_forward(test_device):
+    conv = _conv(device=test_device)
     spec = LayerSpec(w_bits=2, a_bits=4, n_steps=3, lora_rank=4, smoothing=True)
-    a = QuantConv2d.from_module(conv, spec)
+    a = QuantConv2d.from_module(conv, spec, torch.Generator().manual_seed(0))
     _set_state(a, 7)
-    b = QuantConv2d.from_module(_conv(seed=9), spec)
+    b = QuantConv2d.from_module(_conv(seed=9, device=test_device), spec, torch.Generator().manual_seed(1))
     b.load_state_dict(a.state_dict())
-    x = torch.randn(1, 8, 5, 5, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(1, 8, 5, 5, generator=torch.Generator().manual_seed(8)).to(test_device)
     with torch.no_grad(), step_scope(2):
         assert torch.equal(a(x), b(x))

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -54,3 +56,39 @@ def test_lora_is_exact_noop_at_start():
         plain = type(layer).from_module(conv if isinstance(layer, QuantConv2d) else lin, LayerSpec(lora_rank=0))
         assert torch.equal(layer.merged_weight(), plain.merged_weight())
         assert torch.equal(layer.quantized_weight(), plain.quantized_weight())
+
+
+def _direct_draw(shape, seed):
+    """A second computation of the init: PyTorch's own kaiming_uniform_ (a=√5) on a CPU tensor."""
+    out = torch.empty(shape)
+    return torch.nn.init.kaiming_uniform_(out, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
+
+
+def test_init_equals_a_direct_cpu_draw_on_every_device(test_device):
+    with torch.device(test_device):
+        lora = LoRA((8, 64, 3, 3), 32, "per_position", generator=torch.Generator().manual_seed(3))
+    assert lora.lora_A.device.type == test_device.type and lora.lora_B.device.type == test_device.type
+    assert torch.equal(lora.lora_A.detach().cpu(), _direct_draw((32, 64, 3, 3), 3))
+
+
+def test_generator_never_fills_a_tensor_on_another_device(monkeypatch):
+    """The CUDA crash: a CPU generator passed to uniform_ on a CUDA tensor raises. The weights here live on the
+    meta device (a device that is not the generator's, as CUDA would be); every draw must happen on the CPU."""
+    calls = []
+    real = torch.Tensor.uniform_
+
+    def checked(self, *args, generator=None, **kwargs):
+        calls.append((self.device.type, None if generator is None else generator.device.type))
+        assert generator is None or generator.device == self.device, \
+            f"uniform_ with a {generator.device} generator on a {self.device} tensor"
+        return real(self, *args, generator=generator, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "uniform_", checked)
+    conv = torch.nn.Conv2d(6, 5, 3, device="meta")
+    lin = torch.nn.Linear(6, 5, device="meta")
+    calls.clear()
+    gen = torch.Generator().manual_seed(0)
+    layers = [QuantConv2d.from_module(conv, LayerSpec(lora_rank=4), gen),
+              QuantLinear.from_module(lin, LayerSpec(lora_rank=4), gen)]
+    assert calls == [("cpu", "cpu"), ("cpu", "cpu")]
+    assert all(layer.lora.lora_A.device.type == "meta" for layer in layers)

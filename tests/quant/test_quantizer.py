@@ -5,10 +5,10 @@ import torch
 from quant.quantizer import fake_quant, fake_quant_autograd, init_max, init_mse, round_ste
 
 
-def test_grid_values_closed_form():
-    delta, zero = torch.tensor(0.5), torch.tensor(1.0)   # 2-bit grid: ints 0..3 -> values (q-1)*0.5
-    x = torch.tensor([-2.0, -0.5, -0.26, -0.24, 0.0, 0.3, 0.74, 0.76, 1.0, 5.0])
-    expected = torch.tensor([-0.5, -0.5, -0.5, 0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0])
+def test_grid_values_closed_form(test_device):
+    delta, zero = torch.tensor(0.5, device=test_device), torch.tensor(1.0, device=test_device)  # 2-bit: (q-1)*0.5
+    x = torch.tensor([-2.0, -0.5, -0.26, -0.24, 0.0, 0.3, 0.74, 0.76, 1.0, 5.0], device=test_device)
+    expected = torch.tensor([-0.5, -0.5, -0.5, 0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0], device=test_device)
     assert torch.equal(fake_quant(x, delta, zero, 4), expected)
 
 
@@ -28,13 +28,13 @@ def test_round_ste_gradient_is_identity():
     assert torch.equal(x.grad, torch.ones(2))
 
 
-def test_ste_gradients_hand_derived():
+def test_ste_gradients_hand_derived(test_device):
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(200, generator=g) * 2).requires_grad_()
-    delta = torch.tensor(0.37, requires_grad=True)
-    zero = torch.tensor(1.3, requires_grad=True)
+    x = (torch.randn(200, generator=g) * 2).to(test_device).requires_grad_()
+    delta = torch.tensor(0.37, requires_grad=True, device=test_device)
+    zero = torch.tensor(1.3, requires_grad=True, device=test_device)
     hi = 7.0
-    w = torch.randn(200, generator=g)           # upstream gradient
+    w = torch.randn(200, generator=g).to(test_device)  # upstream gradient
     (fake_quant(x, delta, zero, 8) * w).sum().backward()
     with torch.no_grad():
         t = x / delta
@@ -50,16 +50,16 @@ def test_ste_gradients_hand_derived():
     assert torch.allclose(zero.grad, exp_dz, rtol=1e-5)
 
 
-def test_fused_matches_relu_formulation_per_channel_mixed_bits():
+def test_fused_matches_relu_formulation_per_channel_mixed_bits(test_device):
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(6, 4, 3, 3, generator=g)
-    bits = torch.tensor([1, 2, 3, 2, 4, 3])
+    w = torch.randn(6, 4, 3, 3, generator=g).to(test_device)
+    bits = torch.tensor([1, 2, 3, 2, 4, 3], device=test_device)
     levels = (2.0 ** bits).view(-1, 1, 1, 1)
     grads = []
     for fn in (fake_quant, fake_quant_autograd):
         x = w.clone().requires_grad_()
-        d = (torch.rand(6, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).requires_grad_()
-        z = (torch.rand(6, generator=torch.Generator().manual_seed(3)) * 2).requires_grad_()
+        d = (torch.rand(6, generator=torch.Generator().manual_seed(2)) * 0.3 + 0.05).to(test_device).requires_grad_()
+        z = (torch.rand(6, generator=torch.Generator().manual_seed(3)) * 2).to(test_device).requires_grad_()
         out = fn(x, d.view(-1, 1, 1, 1), z.view(-1, 1, 1, 1), levels)
         (out * w).sum().backward()
         grads.append((out.detach(), x.grad, d.grad, z.grad))
@@ -92,15 +92,15 @@ def _brute_mse(x, n_bits):
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_mse_init_matches_brute_force(bits):
+def test_mse_init_matches_brute_force(bits, test_device):
     g = torch.Generator().manual_seed(bits)
     x = torch.cat([torch.randn(500, generator=g), torch.tensor([9.0, -4.0])])  # outliers make shrinking pay
-    d, z = init_mse(x, bits)
+    d, z = init_mse(x.to(test_device), bits)
     bd, bz = _brute_mse(x.double(), bits)
     assert d.item() == pytest.approx(bd, rel=1e-5) and z.item() == bz
     # per channel = the per-tensor procedure on each slice
     rows = torch.stack([x, x * 0.1 + 1.0, -x.abs()])
-    dc, zc = init_mse(rows, bits, per_channel=True)
+    dc, zc = init_mse(rows.to(test_device), bits, per_channel=True)
     for r in range(3):
         bd, bz = _brute_mse(rows[r].double(), bits)
         assert dc[r].item() == pytest.approx(bd, rel=1e-5) and zc[r].item() == bz

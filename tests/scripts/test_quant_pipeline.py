@@ -100,7 +100,10 @@ def test_user_errors_exit_2(model_args, tmp_path):
     assert missing.returncode == 2 and "naive.pt" in missing.stderr and "02_quantize_ldm_naive" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
     bits = run("02_quantize_ldm_naive.py", "--n_bits_w", "9")
-    assert bits.returncode == 2 and "Weight bits" in bits.stderr and len(bits.stderr.strip().splitlines()) == 1
+    assert bits.returncode == 2 and "--n_bits_w" in bits.stderr and "between 2 and 8" in bits.stderr
+    assert len(bits.stderr.strip().splitlines()) == 1
+    plus = run("02_quantize_ldm_naive.py", "--n_bits_w", "8", "--method", "mpqdm")  # b+1 = 9 bits: method rule
+    assert plus.returncode == 2 and "between 1 and 8" in plus.stderr and len(plus.stderr.strip().splitlines()) == 1
 
 
 def test_meta_mismatch_other_model(model_args, tmp_path):

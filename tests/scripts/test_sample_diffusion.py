@@ -113,7 +113,7 @@ def test_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--preset", "nonexistent"], "unknown preset"),
+    (["--preset", "nonexistent"], "invalid choice"),
     (["--config", "configs/latent-diffusion/digits-ldm-vq-4.yaml", "--ckpt", "/nonexistent/model.ckpt"],
      "/nonexistent/model.ckpt"),
 ])
@@ -132,3 +132,21 @@ def test_help_explains_every_flag():
         module.parse_args(["--help"])
     assert exc.value.code == 0
     assert all(action.help for action in module.build_parser()._actions)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [(dict(max_shards=0), "max_shards"), (dict(max_shards=-1), "max_shards"),
+                                              (dict(shard_size=0), "shard_size")])
+def test_shard_limits_must_be_positive(kwargs, fragment, tmp_path):
+    """--max_shards -1 used to mean "all but the last" (a list slice); it is "at most this many new shards"."""
+    with pytest.raises(UserError, match=fragment):
+        generate_samples(None, str(tmp_path / "x.npz"), n_samples=4, batch_size=2, **kwargs)  # before any model use
+    assert os.listdir(tmp_path) == []
+
+
+def test_uniform_schedule_fits_or_says_which_steps_do():
+    from ldm.generate import uniform_schedule
+    assert uniform_schedule(20, 1000) == list(range(1, 1000, 50))
+    assert uniform_schedule(7, 1000)[-1] == 995  # 8 steps, as the original's range(0, T, T // S)
+    for bad in (0, 3, 999, 1000, 2000):
+        with pytest.raises(UserError, match="does not fit the 1000-step schedule"):
+            uniform_schedule(bad, 1000, "--ddim_steps")
