@@ -12,7 +12,7 @@ $(PY):
 # Re-install only when the dependency list changes.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --upgrade pip >/dev/null
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,deploy]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +22,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) benchmarks/digits_table.py --profile demo
+	$(PY) benchmarks/digits_table.py --profile demo-text
 
 table: $(STAMP)
 	$(PY) benchmarks/digits_table.py

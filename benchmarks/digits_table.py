@@ -1,4 +1,4 @@
-"""The digits results table: FP, naive PTQ, EfficientDM, MPQ-DM (+ MPQ-DM+ and ablations) on the embedded model.
+"""The digits results tables: FP, naive PTQ, EfficientDM, MPQ-DM (+ MPQ-DM+ and ablations) on the embedded models.
 
 Runs the numbered scripts exactly as a user would (01 once, then 02 -> 03 -> 04 per row), scores every sample file
 with the digits CNN, and writes a Markdown + JSON table. Every step skips work whose artifact already exists, so a
@@ -6,6 +6,13 @@ killed run continues where it stopped when re-run with the same arguments.
 
   python benchmarks/digits_table.py                   # full table -> results/digits.md, results/digits.json
   python benchmarks/digits_table.py --profile demo    # what `make demo` runs: W2A4 MPQ-DM vs EfficientDM vs FP
+  python benchmarks/digits_table.py --profile text    # the text-to-image model -> results/digits_txt2img.md/json
+  python benchmarks/digits_table.py --profile demo-text   # `make demo`'s text part: W4A8 and W2A4
+  python benchmarks/digits_table.py --profile pixel   # the pixel-space DDIM miniature -> results/digits_pixel.md/json
+
+Text profiles (preset digits-txt2img) sample the 20 held-out prompts (2 phrasings x 10 digits, never seen in
+training) with the preset's PLMS 50 / CFG 3; "cond. acc." is then the prompt accuracy: the digits CNN's class
+against the digit the prompt names.
 """
 import argparse
 import json
@@ -20,19 +27,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from evaluation.digits_report import DIGITS_METRIC_COLUMNS, digits_row_metrics, format_metric  # noqa: E402
+from ldm.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
 from ldm.util import UserError, atomic_write_bytes, cli_main  # noqa: E402
 
 # One row = one run directory. `stage` naive samples naive.pt of `source` (no fine-tuning of its own).
-BITS = [(4, 8), (4, 4), (3, 4), (2, 4)]
-MAIN_ROWS = [dict(name="fp", label="FP", method="fp", w=32, a=32)]
-for _w, _a in BITS:
-    MAIN_ROWS += [
-        dict(name=f"naive-w{_w}a{_a}", label="naive PTQ", method="efficientdm", w=_w, a=_a, stage="naive",
-             source=f"efficientdm-w{_w}a{_a}"),
-        dict(name=f"efficientdm-w{_w}a{_a}", label="EfficientDM", method="efficientdm", w=_w, a=_a),
-        dict(name=f"mpqdm-w{_w}a{_a}", label="MPQ-DM", method="mpqdm", w=_w, a=_a),
-    ]
-MAIN_ROWS.append(dict(name="mpqdm+-w2a4", label="MPQ-DM+", method="mpqdm+", w=2, a=4))
+FP_ROW = dict(name="fp", label="FP", method="fp", w=32, a=32)
+MPQDM_PLUS_W2A4 = dict(name="mpqdm+-w2a4", label="MPQ-DM+", method="mpqdm+", w=2, a=4)
+
+
+def bit_rows(bits, naive=True):
+    """Per (W, A): [naive PTQ (EfficientDM's naive stage),] EfficientDM, MPQ-DM. MPQ-DM has no 8-bit row: its
+    mixed-precision groups are {b-1, b, b+1} bits, and 9-bit weights are outside the toolkit's 1..8."""
+    rows = []
+    for w, a in bits:
+        if naive:
+            rows.append(dict(name=f"naive-w{w}a{a}", label="naive PTQ", method="efficientdm", w=w, a=a, stage="naive",
+                             source=f"efficientdm-w{w}a{a}"))
+        rows.append(dict(name=f"efficientdm-w{w}a{a}", label="EfficientDM", method="efficientdm", w=w, a=a))
+        if w < 8:
+            rows.append(dict(name=f"mpqdm-w{w}a{a}", label="MPQ-DM", method="mpqdm", w=w, a=a))
+    return rows
+
+
+MAIN_ROWS = [FP_ROW] + bit_rows([(4, 8), (4, 4), (3, 4), (2, 4)]) + [MPQDM_PLUS_W2A4]
 
 ABLATION_ROWS = [
     dict(name="efficientdm-w2a4", label="EfficientDM", method="efficientdm", w=2, a=4),
@@ -56,6 +73,13 @@ ABLATION_ROWS = [
 _BY_NAME = {r["name"]: r for r in MAIN_ROWS + ABLATION_ROWS}
 DEMO_ROWS = [_BY_NAME[n] for n in ("fp", "efficientdm-w2a4", "mpqdm-w2a4", "abl-mpqdm-lora01-w2a4")]
 
+TEXT_ROWS = [FP_ROW] + bit_rows([(4, 8), (4, 4), (2, 4)], naive=False) + [MPQDM_PLUS_W2A4]
+_TEXT_BY_NAME = {r["name"]: r for r in TEXT_ROWS}
+TEXT_DEMO_ROWS = [_TEXT_BY_NAME[n] for n in ("fp", "efficientdm-w4a8", "mpqdm-w4a8", "efficientdm-w2a4",
+                                             "mpqdm-w2a4")]
+TEXT_PROMPTS = 20  # the digits-heldout prompt set: 2 phrasings x 10 digits
+PIXEL_ROWS = [FP_ROW] + bit_rows([(8, 8), (4, 8), (4, 4), (2, 4)])
+
 PROFILES = {
     # the results table: about 45 minutes on 2 CPU cores with --jobs 2 (13 fine-tuning runs of 800 iterations)
     "full": dict(rows=MAIN_ROWS, ablation=ABLATION_ROWS, epochs=40, n_samples=1000, out_dir="runs/digits_table",
@@ -63,22 +87,36 @@ PROFILES = {
     # make demo: the digits preset's 16-epoch budget (320 iterations), a few minutes
     "demo": dict(rows=DEMO_ROWS, ablation=[], epochs=16, n_samples=1000, out_dir="runs/demo",
                  md="runs/demo/table.md", json="runs/demo/table.json"),
+    # the text-to-image model at its preset's 8-epoch budget (400 iterations); PLMS 50 with CFG makes sampling the
+    # larger part, so 200 images (10 per held-out prompt)
+    "text": dict(preset="digits-txt2img", rows=TEXT_ROWS, ablation=[], epochs=8, n_samples=200,
+                 out_dir="runs/digits_txt2img_table", md="results/digits_txt2img.md",
+                 json="results/digits_txt2img.json"),
+    # the pixel-space DDIM miniature (the CIFAR-10 protocol in miniature: quad skip, 20 steps, no guidance)
+    "pixel": dict(preset="digits-pixel", rows=PIXEL_ROWS, ablation=[], epochs=16, n_samples=300,
+                  out_dir="runs/digits_pixel_table", md="results/digits_pixel.md", json="results/digits_pixel.json"),
+    "demo-text": dict(preset="digits-txt2img", rows=TEXT_DEMO_ROWS, ablation=[], epochs=4, n_samples=100,
+                      out_dir="runs/demo_text", md="runs/demo_text/table.md", json="runs/demo_text/table.json"),
 }
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="full",
                    help="full: every row of the results table; demo: FP, EfficientDM and MPQ-DM (paper LoRA lr "
-                        "and x0.1) at W2A4 only")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="fine-tuning epochs per run (20 optimizer steps each; default 16 full, 6 demo)")
-    p.add_argument("--n_samples", type=int, default=None,
-                   help="images per row, balanced over the 10 digits (default 1000)")
-    p.add_argument("--batch_size", type=int, default=250, help="images per sampling batch")
-    p.add_argument("--seed", type=int, default=0,
+                        "and x0.1) at W2A4 only; pixel: the pixel-space DDIM miniature's table (FP, naive PTQ, "
+                        "EfficientDM, MPQ-DM at W8A8, W4A8, W4A4, W2A4); text: the text-to-image model's table (FP, EfficientDM, MPQ-DM at "
+                        "W4A8, W4A4, W2A4, MPQ-DM+ at W2A4); demo-text: its W4A8 and W2A4 rows")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="fine-tuning epochs per run (one sampling trajectory each: 20 optimizer steps for digits, 50 "
+                        "for text; default: the profile's)")
+    p.add_argument("--n_samples", type=positive_int, default=None,
+                   help="images per row, balanced over the 10 digits (text: over the 20 held-out prompts; default: "
+                        "the profile's)")
+    p.add_argument("--batch_size", type=positive_int, default=250, help="images per sampling batch")
+    p.add_argument("--seed", type=nonneg_int, default=0,
                    help="sampling seed; every row uses the same per-image noise, so PSNR pairs images")
-    p.add_argument("--jobs", type=int, default=2,
+    p.add_argument("--jobs", type=positive_int, default=2,
                    help="runs executed in parallel, each on one CPU thread (2 fits a 2-core machine)")
     p.add_argument("--out_dir", default=None, help="where the run directories go (default runs/digits_table)")
     p.add_argument("--md", default=None, help="Markdown table path (default results/digits.md)")
@@ -113,23 +151,28 @@ def run_row(row, args, runner, calib):
     """Produce the row's samples.npz (and finetuned.pt); returns seconds spent fine-tuning (None if none)."""
     run_dir = os.path.join(args.out_dir, row["name"])
     samples = os.path.join(run_dir, "samples.npz")
-    sample_args = ["--n_samples", args.n_samples, "--batch_size", args.batch_size, "--seed", args.seed,
-                   "--out", samples]
+    count = (["--images_per_prompt", args.n_samples // TEXT_PROMPTS] if args.preset == "digits-txt2img"
+             else ["--n_samples", args.n_samples])
+    sample_args = [*count, "--batch_size", args.batch_size, "--seed", args.seed, "--out", samples]
     if row["method"] == "fp":
         if not os.path.exists(samples):
-            runner(run_dir, "scripts/sample_diffusion.py", "--preset", "digits", "--ddim_steps", 20, "--eta", 0.0,
-                   "--scale", 3.0, *sample_args)
+            if args.preset == "digits":  # (the preset's FP sampler; the other families sample FP through 04)
+                runner(run_dir, "scripts/sample_diffusion.py", "--preset", "digits", "--ddim_steps", 20, "--eta", 0.0,
+                       "--scale", 3.0, *sample_args)
+            else:  # the FP UNet through the same loop as the quantized rows (bit-identical to scripts/txt2img.py)
+                runner(run_dir, "quant_scripts/04_sample_lora_model.py", "--preset", args.preset, "--run_dir", run_dir,
+                       "--fp", *sample_args)
         return None
     if row.get("stage") == "naive":
         source_dir = os.path.join(args.out_dir, row["source"])
         if not os.path.exists(samples):
-            runner(run_dir, "quant_scripts/04_sample_lora_model.py", "--preset", "digits", "--run_dir", source_dir,
-                   "--stage", "naive", *sample_args)
+            runner(run_dir, "quant_scripts/04_sample_lora_model.py", "--preset", args.preset, "--run_dir",
+                   source_dir, "--stage", "naive", *sample_args)
         return None
     os.makedirs(run_dir, exist_ok=True)
     if not os.path.exists(os.path.join(run_dir, "calib.pt")):
         os.link(calib, os.path.join(run_dir, "calib.pt"))
-    common = ["--preset", "digits", "--run_dir", run_dir]
+    common = ["--preset", args.preset, "--run_dir", run_dir]
     if not os.path.exists(os.path.join(run_dir, "naive.pt")):
         runner(run_dir, "quant_scripts/02_quantize_ldm_naive.py", *common, "--method", row["method"],
                "--n_bits_w", row["w"], "--n_bits_a", row["a"], *row.get("flags", []))
@@ -150,8 +193,11 @@ def main(argv=None):
     args.n_samples = args.n_samples or prof["n_samples"]
     args.out_dir = os.path.abspath(args.out_dir or prof["out_dir"])
     md_path, json_path = args.md or prof["md"], args.json or prof["json"]
-    if args.n_samples % 10:
-        raise UserError(f"--n_samples must be a multiple of 10 (balanced digits), got {args.n_samples}")
+    args.preset = prof.get("preset", "digits")
+    per = TEXT_PROMPTS if args.preset == "digits-txt2img" else 10
+    if args.n_samples % per:
+        raise UserError(f"--n_samples must be a multiple of {per} (balanced over the "
+                        f"{'held-out prompts' if per == 20 else 'digits'}), got {args.n_samples}")
     command = "python benchmarks/digits_table.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     rows = prof["rows"] + [r for r in prof["ablation"] if r["name"] not in {x["name"] for x in prof["rows"]}]
     runner = Runner(args.out_dir, args.quiet)
@@ -161,7 +207,7 @@ def main(argv=None):
     calib = os.path.join(calib_dir, "calib.pt")
     if not os.path.exists(calib):
         print("[01] calibration trajectories", flush=True)
-        runner(calib_dir, "quant_scripts/01_collect_input_4_calib.py", "--preset", "digits", "--run_dir", calib_dir)
+        runner(calib_dir, "quant_scripts/01_collect_input_4_calib.py", "--preset", args.preset, "--run_dir", calib_dir)
 
     # Fine-tuned runs first (naive rows sample from their artifacts), in parallel chains.
     trained = [r for r in rows if r.get("stage") != "naive"]
@@ -183,17 +229,34 @@ def main(argv=None):
                                   flags=r.get("flags", []) + r.get("ft_flags", []), **metrics, n_samples=args.n_samples,
                                   seconds=seconds.get(r["name"]), epochs=None if r["method"] == "fp" else args.epochs)
 
-    settings = (f"digits LDM-4 (models/ldm/digits-ldm-vq-4), samples: DDIM 20 steps, eta 0, CFG 3.0, "
-                f"{args.n_samples} images ({args.n_samples // 10} per digit), seed {args.seed}; fine-tuning: "
-                f"{args.epochs} epochs x 20 steps, digits preset of quant_scripts (calibration 50-step DDIM "
-                f"trajectories, 32 naive tuples); metrics by the shipped digits CNN; FID/sFID/precision/recall "
+    if args.preset == "digits-txt2img":
+        model_settings = (f"digits text-to-image LDM (models/ldm/digits-txt2img), samples: PLMS 50 steps, eta 0, CFG "
+                          f"3.0 against \"\", {args.n_samples} images ({args.n_samples // TEXT_PROMPTS} per held-out "
+                          f"prompt, 2 phrasings x 10 digits), seed {args.seed}; fine-tuning: {args.epochs} epochs x "
+                          "50 steps, digits-txt2img preset of quant_scripts (calibration: PLMS-50 trajectories of 8 "
+                          "training-phrasing prompts, 32 naive tuples); cond. acc. = prompt accuracy (the digits "
+                          "CNN's class against the prompt's digit)")
+    elif args.preset == "digits-pixel":
+        model_settings = (f"pixel-space DDIM miniature (models/ddim/digits-pixel, unconditional), samples: DDIM 20 "
+                          f"steps with the quadratic skip, eta 0, no guidance, {args.n_samples} images, seed "
+                          f"{args.seed}; fine-tuning: {args.epochs} epochs x 20 steps, digits-pixel preset of "
+                          "quant_scripts (calibration: quad-20 eta-0 trajectories of 16 images, 32 naive tuples); "
+                          "unconditional, so no conditional accuracy")
+    else:
+        model_settings = (f"digits LDM-4 (models/ldm/digits-ldm-vq-4), samples: DDIM 20 steps, eta 0, CFG 3.0, "
+                          f"{args.n_samples} images ({args.n_samples // 10} per digit), seed {args.seed}; fine-tuning: "
+                          f"{args.epochs} epochs x 20 steps, digits preset of quant_scripts (calibration 50-step "
+                          "DDIM trajectories, 32 naive tuples)")
+    settings = (f"{model_settings}; metrics by the shipped digits CNN; FID/sFID/precision/recall "
                 f"against the 1,437 real training digits; FID-FP and PSNR against the FP samples drawn from the same "
-                f"noise; fine-tuning seconds measured with {args.jobs} runs in parallel, one thread each.")
+                f"noise; fine-tuning seconds measured with {args.jobs} run(s) in parallel, one thread each.")
+    full = PROFILES["text" if args.profile == "demo-text" else "full"]
     md = [f"# Digits results ({args.profile} profile)", "", "Command:", "", "```", command, "```", "",
           f"Settings: {settings}", "",
           *([f"Demo budget: {args.epochs} fine-tuning epochs and {args.n_samples} samples per row, shorter than "
-             f"the results table's ({PROFILES['full']['epochs']} epochs, {PROFILES['full']['n_samples']} samples); "
-             "see results/digits.md for the full measurement.", ""] if args.profile == "demo" else []), f"Total wall time of the command that wrote this: "
+             f"the results table's ({full['epochs']} epochs, {full['n_samples']} samples); see {full['md']} for the "
+             "full measurement.", ""] if args.profile.startswith("demo") else []),
+          "Total wall time of the command that wrote this: "
           f"{time.time() - started:.0f} s (re-runs skip finished artifacts).", ""]
     md += _table("Main table", [records[r["name"]] for r in prof["rows"]])
     if prof["ablation"]:

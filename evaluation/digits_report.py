@@ -11,7 +11,7 @@ import numpy as np
 from evaluation.digits_cnn import DigitsExtractor
 from evaluation.evaluate import ADM_IS_SPLIT, score_features
 from evaluation.metrics import FeatureStats, psnr
-from evaluation.npz_io import load_npz_array
+from evaluation.npz_io import load_npz_array, npz_keys
 from evaluation.reference import reference_features
 from ldm.util import UserError
 
@@ -37,7 +37,8 @@ def _extractor():
 @lru_cache(maxsize=4)
 def _features(path):
     images = load_npz_array(path, "arr_0")
-    labels = load_npz_array(path, "arr_1").astype(np.int64)
+    # unconditional samples (the pixel model) carry no labels: no conditional accuracy for them
+    labels = load_npz_array(path, "arr_1").astype(np.int64) if "arr_1" in npz_keys(path) else None
     return images, labels, _extractor()(images)
 
 
@@ -45,7 +46,9 @@ def digits_row_metrics(samples_npz, fp_npz):
     """Metric values (floats) of one sample file; the FP file gives the paired and FP-relative columns."""
     images, labels, feats = _features(samples_npz)
     fp_images, fp_labels, fp_feats = _features(fp_npz)
-    if images.shape != fp_images.shape or not np.array_equal(labels, fp_labels):
+    same_labels = (labels is None and fp_labels is None) or (
+        labels is not None and fp_labels is not None and np.array_equal(labels, fp_labels))
+    if images.shape != fp_images.shape or not same_labels:
         raise UserError(f"{samples_npz} and {fp_npz} are not drawn from the same noise and labels "
                         "(sample both with the same --n_samples, --batch_size and --seed)")
     ref = reference_features(REAL_REFERENCE, _extractor())

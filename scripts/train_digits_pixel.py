@@ -59,8 +59,8 @@ def build_parser():
     p.add_argument("--threads", type=positive_int, default=1,
                    help="torch CPU threads; results depend on it (float summation order), so it is part of the "
                         "resumable state")
-    p.add_argument("--steps", type=positive_int, default=3000, help="optimizer steps")
-    p.add_argument("--batch_size", type=positive_int, default=32, help="images per step")
+    p.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="images per step")
     p.add_argument("--lr", type=positive_float, default=2e-3, help="peak AdamW learning rate (cosine decay to 5%%)")
     p.add_argument("--warmup", type=nonneg_int, default=100, help="linear learning-rate warm-up steps")
     p.add_argument("--grad_clip", type=positive_float, default=1.0, help="gradient-norm clipping threshold")

@@ -246,3 +246,7 @@ def test_cifar10_preset_full_size_smoke(tmp_path):
     samples = _arrays(tmp_path / "run" / "samples.npz")
     meta = json.loads(str(samples["meta"]))
     assert samples["arr_0"].shape == (2, 32, 32, 3) and meta["batch_size"] == 2 and meta["skip_type"] == "quad"
+    import resource
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # the process's peak so far (Linux: KiB)
+    print(f"cifar10 preset 01->04 on the full-size Model, CPU: peak RSS of this test process {peak_mib:.0f} MiB")
+    assert peak_mib < 12 * 1024   # a 35.7 M-parameter model and its quantized copy fit a laptop
