@@ -43,20 +43,11 @@ def parse_args(argv=None):
 
 
 def digit_grid(path, images, labels, per_row=10):
-    from PIL import Image
-    import io
+    from ldm.generate import grid_png
 
     # evenly spaced over each digit's images, so both held-out phrasings appear in a row
     picks = [np.flatnonzero(labels == d) for d in range(10)]
-    rows = [images[idx[np.linspace(0, len(idx) - 1, per_row).round().astype(int)]] for idx in picks]
-    h, w = images.shape[1:3]
-    canvas = np.zeros((10 * h, per_row * w, 3), np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    grid_png(path, [list(images[idx[np.linspace(0, len(idx) - 1, per_row).round().astype(int)]]) for idx in picks])
 
 
 def main(argv=None):

@@ -50,11 +50,11 @@ def digits_ldm():
 def cin_unet():
     from omegaconf import OmegaConf
 
-    from finetune_cost import randomize_
+    from ldm.training import deterministic_init_
     from ldm.util import instantiate_from_config
     torch.manual_seed(0)
     cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, CIN_CONFIG)).model.params.unet_config, resolve=True)
-    return randomize_(instantiate_from_config(cfg).eval(), seed=1).requires_grad_(False)
+    return deterministic_init_(instantiate_from_config(cfg).eval(), seed=1).requires_grad_(False)
 
 
 def shapes(model):

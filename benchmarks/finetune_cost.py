@@ -32,20 +32,11 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from ldm.training import deterministic_init_  # noqa: E402
+
 DIGITS_CONFIG = os.path.join(REPO, "configs/latent-diffusion/digits-ldm-vq-4.yaml")
 DIGITS_CKPT = os.path.join(REPO, "models/ldm/digits-ldm-vq-4/model.ckpt")
 CIN_CONFIG = os.path.join(REPO, "configs/latent-diffusion/cin256-v2.yaml")
-
-
-def randomize_(module, seed=1):
-    """Random non-degenerate weights (the CompVis init zeroes the output convs, so ε would be 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_((1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise) if p.dim() == 1
-                    else noise / max(1, p[0].numel()) ** 0.5)
-    return module
 
 
 def _median_time(fn, repeats):
@@ -67,7 +58,7 @@ def digits_model():
         return load_model_from_config(config, DIGITS_CKPT), "digits checkpoint"
     torch.manual_seed(0)
     model = instantiate_from_config(config.model).eval()
-    randomize_(model.model)
+    deterministic_init_(model.model, seed=1)
     return model, "digits config, random weights (checkpoint absent)"
 
 
@@ -194,7 +185,7 @@ def part_cin_smoke(args):
     if not os.path.isfile(ckpt):
         torch.manual_seed(0)
         model = instantiate_from_config(OmegaConf.load(CIN_CONFIG).model)
-        randomize_(model.model)
+        deterministic_init_(model.model, seed=1)
         torch.save({"state_dict": model.state_dict()}, ckpt)
         del model
     common = ["--preset", "cin256-v2", "--config", CIN_CONFIG, "--ckpt", ckpt, "--run_dir", os.path.join(work, "run"),

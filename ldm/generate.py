@@ -221,7 +221,7 @@ def _write_npz(path, arrays):
         raise
 
 
-def _grid_png(path, rows):
+def grid_png(path, rows):
     """rows: list of lists of uint8 HWC images -> one PNG (rows padded with black)."""
     from PIL import Image
 
@@ -267,7 +267,7 @@ def _merge(store, out_path, labels, meta, perm_seed, prompts=None):
         rows = [[row(i) for i in np.flatnonzero(np.asarray(prompts, dtype=object) == p)[:10]] for p in first]
     else:
         rows = [[row(i) for i in range(r, min(r + 8, n))] for r in range(0, min(n, 64), 8)]
-    _grid_png(grid_path_for(out_path), rows)
+    grid_png(grid_path_for(out_path), rows)
 
     arrays = {"arr_0": (shape, np.uint8, blocks())}
     if meta["class_conditional"] or (prompts is not None and (labels >= 0).all()):

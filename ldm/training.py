@@ -1,5 +1,6 @@
 """Helpers shared by the scripts that train the embedded models here (scripts/train_digits_*.py): the learning-rate
-schedule, the resumable-checkpoint check and the weight digest that the bit-reproducibility checks compare."""
+schedule, the resumable-checkpoint check and the weight digest that the bit-reproducibility checks compare; and the
+seeded stand-in weights that tests and benchmarks give models whose real weights are not here."""
 import hashlib
 import math
 import os
@@ -49,3 +50,18 @@ def state_dict_sha256(state_dict):
         h.update(f"{key} {value.dtype} {tuple(value.shape)}\n".encode())
         h.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+@torch.no_grad()
+def deterministic_init_(module, seed=0):
+    """Overwrite every parameter in named_parameters() order from one seeded generator (the recipe of the
+    reference README): 1-D `*weight` 1 + 0.1·N(0,1), other 1-D 0.1·N(0,1), N-D N(0,1)/sqrt(fan-in). The zero-
+    initialised output convs become non-zero, so every path carries signal."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=gen)
+        if p.dim() == 1:
+            p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+        else:
+            p.copy_(noise / max(1, p[0].numel()) ** 0.5)
+    return module

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm.training import deterministic_init_  # noqa: F401  (tests import it from here)
+
 
 def shared_dir() -> Path:
     env = os.environ.get("MPQDM_SHARED")
@@ -43,21 +45,6 @@ def require(path: Path) -> Path:
 TINY_CIN_UNET = dict(image_size=8, in_channels=3, out_channels=3, model_channels=32, attention_resolutions=[2],
                      num_res_blocks=2, channel_mult=[1, 1], num_heads=1, use_spatial_transformer=True,
                      transformer_depth=1, context_dim=32)
-
-
-@torch.no_grad()
-def deterministic_init_(module, seed=0):
-    """Overwrite every parameter in named_parameters() order from one seeded generator (the recipe of the
-    reference README): 1-D `*weight` 1 + 0.1·N(0,1), other 1-D 0.1·N(0,1), N-D N(0,1)/sqrt(fan-in). The zero-
-    initialised output convs become non-zero, so every path carries signal."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        if p.dim() == 1:
-            p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
-        else:
-            p.copy_(noise / max(1, p[0].numel()) ** 0.5)
-    return module
 
 
 def tiny_cin_unet(seed=0):

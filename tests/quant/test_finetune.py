@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.modules.diffusionmodules.util import make_ddim_timesteps
+from ldm.training import deterministic_init_
 from ldm.util import UserError, instantiate_from_config
 from quant.api import make_config, quantize_
 from quant.artifacts import check_meta, config_hash, load_artifact, save_artifact
@@ -37,26 +38,11 @@ def tiny_ldm_config():
                               "params": {"n_classes": 11, "embed_dim": 32, "key": "class_label"}}}})
 
 
-def randomize_(module, seed):
-    """Overwrite every parameter (zero-initialised output convs included) so all paths carry signal."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.dim() == 1:
-                p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
-            else:
-                p.copy_(noise / max(1, p[0].numel()) ** 0.5)
-    return module
-
-
-
-
 @pytest.fixture(scope="module")
 def fp_model():
     torch.manual_seed(0)
     model = instantiate_from_config(tiny_ldm_config()).eval().requires_grad_(False)
-    randomize_(model.model, 1)
+    deterministic_init_(model.model, 1)
     return model
 
 
@@ -247,7 +233,7 @@ def test_unconditional_model_trains_without_cfg():
     params["unet_config"]["params"].pop("context_dim")
     torch.manual_seed(0)
     model = instantiate_from_config(OmegaConf.create(cfg_dict)).eval().requires_grad_(False)
-    randomize_(model.model, 2)
+    deterministic_init_(model.model, 2)
     timesteps = [int(t) for t in make_ddim_timesteps("uniform", STEPS, model.num_timesteps, verbose=False)]
     student = quantize_(copy.deepcopy(model.model.diffusion_model),
                         make_config("mpqdm", w_bits=3, a_bits=6, lora_rank=4), timesteps)
