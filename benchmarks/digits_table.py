@@ -1,6 +1,8 @@
-"""The digits results tables: FP, naive PTQ, EfficientDM, MPQ-DM (+ MPQ-DM+ and ablations) on the embedded models.
+"""The digits results tables: FP, naive PTQ, Q-Diffusion, EfficientDM, MPQ-DM (+ MPQ-DM+ and ablations) on the
+embedded models.
 
-Runs the numbered scripts exactly as a user would (01 once, then 02 -> 03 -> 04 per row), scores every sample file
+Runs the numbered scripts exactly as a user would (01 once, then 02 -> 03 -> 04 per row; a post-training row such
+as Q-Diffusion's is 02 -> 04, its reconstruction timed as its training cost), scores every sample file
 with the digits CNN, and writes a Markdown + JSON table. Every step skips work whose artifact already exists, so a
 killed run continues where it stopped when re-run with the same arguments.
 
@@ -49,7 +51,14 @@ def bit_rows(bits, naive=True):
     return rows
 
 
-MAIN_ROWS = [FP_ROW] + bit_rows([(4, 8), (4, 4), (3, 4), (2, 4)]) + [MPQDM_PLUS_W2A4]
+def ptq_rows(bits, method="qdiffusion", label="Q-Diffusion"):
+    """A post-training method's rows: calibrated and reconstructed by 02 with its preset, sampled by 04."""
+    return [dict(name=f"{method}-w{w}a{a}", label=label, method=method, w=w, a=a, stage="ptq") for w, a in bits]
+
+
+# Q-Diffusion at its own settings (W8A8, W4A8) and where the MPQ-DM paper says PTQ collapses (W4A4 and below)
+QDIFFUSION_ROWS = ptq_rows([(8, 8), (4, 8), (4, 4), (3, 4), (2, 4)])
+MAIN_ROWS = [FP_ROW] + QDIFFUSION_ROWS + bit_rows([(4, 8), (4, 4), (3, 4), (2, 4)]) + [MPQDM_PLUS_W2A4]
 
 ABLATION_ROWS = [
     dict(name="efficientdm-w2a4", label="EfficientDM", method="efficientdm", w=2, a=4),
@@ -148,7 +157,8 @@ class Runner:
 
 
 def run_row(row, args, runner, calib):
-    """Produce the row's samples.npz (and finetuned.pt); returns seconds spent fine-tuning (None if none)."""
+    """Produce the row's samples.npz (and finetuned.pt); returns seconds spent fine-tuning, or for a post-training
+    row reconstructing (None if none)."""
     run_dir = os.path.join(args.out_dir, row["name"])
     samples = os.path.join(run_dir, "samples.npz")
     count = (["--images_per_prompt", args.n_samples // TEXT_PROMPTS] if args.preset == "digits-txt2img"
@@ -173,11 +183,14 @@ def run_row(row, args, runner, calib):
     if not os.path.exists(os.path.join(run_dir, "calib.pt")):
         os.link(calib, os.path.join(run_dir, "calib.pt"))
     common = ["--preset", args.preset, "--run_dir", run_dir]
+    ptq = row.get("stage") == "ptq"
+    timing = os.path.join(run_dir, "ptq_seconds.json" if ptq else "finetune_seconds.json")
     if not os.path.exists(os.path.join(run_dir, "naive.pt")):
-        runner(run_dir, "quant_scripts/02_quantize_ldm_naive.py", *common, "--method", row["method"],
-               "--n_bits_w", row["w"], "--n_bits_a", row["a"], *row.get("flags", []))
-    timing = os.path.join(run_dir, "finetune_seconds.json")
-    if not os.path.exists(os.path.join(run_dir, "finetuned.pt")):
+        seconds = runner(run_dir, "quant_scripts/02_quantize_ldm_naive.py", *common, "--method", row["method"],
+                         "--n_bits_w", row["w"], "--n_bits_a", row["a"], *row.get("flags", []))
+        if ptq:
+            atomic_write_bytes(timing, json.dumps({"seconds": seconds}).encode())
+    if not ptq and not os.path.exists(os.path.join(run_dir, "finetuned.pt")):
         seconds = runner(run_dir, "quant_scripts/03_train_mpqdm.py", *common, "--epochs", args.epochs,
                          *row.get("ft_flags", []))
         atomic_write_bytes(timing, json.dumps({"seconds": seconds, "epochs": args.epochs}).encode())
@@ -227,7 +240,8 @@ def main(argv=None):
         records[r["name"]] = dict(name=r["name"], label=r["label"], method=r["method"], w_bits=r["w"], a_bits=r["a"],
                                   stage=r.get("stage", "finetuned" if r["method"] != "fp" else "fp"),
                                   flags=r.get("flags", []) + r.get("ft_flags", []), **metrics, n_samples=args.n_samples,
-                                  seconds=seconds.get(r["name"]), epochs=None if r["method"] == "fp" else args.epochs)
+                                  seconds=seconds.get(r["name"]),
+                                  epochs=None if r["method"] == "fp" or r.get("stage") == "ptq" else args.epochs)
 
     if args.preset == "digits-txt2img":
         model_settings = (f"digits text-to-image LDM (models/ldm/digits-txt2img), samples: PLMS 50 steps, eta 0, CFG "
@@ -250,6 +264,14 @@ def main(argv=None):
     settings = (f"{model_settings}; metrics by the shipped digits CNN; FID/sFID/precision/recall "
                 f"against the 1,437 real training digits; FID-FP and PSNR against the FP samples drawn from the same "
                 f"noise; fine-tuning seconds measured with {args.jobs} run(s) in parallel, one thread each.")
+    if any(r.get("stage") == "ptq" for r in rows):
+        from quant.methods.qdiffusion import PRESETS as QDIFF
+        q = QDIFF[args.preset]
+        settings += (f" Q-Diffusion rows (stage ptq) are post-training: no fine-tuning, 02 with the {args.preset} "
+                     f"preset's reconstruction ({q['cali_st']} calibration steps x {q['cali_n']} trajectories, x2 "
+                     f"rows with guidance; {q['weight_iters']} AdaRound + {q['act_iters']} activation-delta "
+                     "iterations per block, nothing kept FP, attention matmuls quantized, one activation scale for "
+                     "all steps); their seconds are 02's wall time.")
     full = PROFILES["text" if args.profile == "demo-text" else "full"]
     md = [f"# Digits results ({args.profile} profile)", "", "Command:", "", "```", command, "```", "",
           f"Settings: {settings}", "",
@@ -272,7 +294,7 @@ def main(argv=None):
 
 
 def _table(title, records):
-    head = ["method", "W/A", "stage"] + [c[1] for c in DIGITS_METRIC_COLUMNS] + ["fine-tune s"]
+    head = ["method", "W/A", "stage"] + [c[1] for c in DIGITS_METRIC_COLUMNS] + ["fine-tune / PTQ s"]
     lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rec in records:
         wa = "32/32" if rec["method"] == "fp" else f"{rec['w_bits']}/{rec['a_bits']}"

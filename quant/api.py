@@ -170,7 +170,8 @@ class QuantUNet(nn.Module):
         _, handler = get_method(self.config.method)
         return {"method": self.config.method, "config": config_to_dict(self.config),
                 "w_bits": self.config.w_bits, "a_bits": self.config.a_bits,
-                "timesteps": list(self.table.timesteps), "training": handler.training, "policy": self.policy}
+                "timesteps": list(self.table.timesteps), "training": handler.training, "per_step": self.per_step,
+                "policy": self.policy}
 
 
 def _set_submodule(root, name, new):

@@ -1,9 +1,9 @@
 """Time-step-aware calibration selection (Q-Diffusion, PEERS.md §1.6) from a recorder's trajectories (calib.pt).
 
 calib.pt (quant_scripts/01) holds x [N,...], t [N], optional context [N,...]: ``n_entries`` UNet calls in sampling
-order (``calib_batches`` runs of ``calib_steps`` steps each), ``rows_per_entry`` rows per call. With
+order (``calib_batches`` runs of n_entries / calib_batches steps each), ``rows_per_entry`` rows per call. With
 classifier-free guidance an entry holds the uncond rows of its ``calib_batch`` trajectories first, then the cond
-rows (rows_per_entry = 2·calib_batch). Selection: steps {0, s, 2s, ...} (cali_st of them, s = calib_steps // cali_st;
+rows (rows_per_entry = 2·calib_batch). Selection: steps {0, s, 2s, ...} (cali_st of them, s = steps per run // cali_st;
 step 0 is the noisiest) and the first cali_n trajectories (samples) at each; with guidance both the uncond and the
 cond row of a sample are taken, so a conditional model gets 2·cali_n rows per step.
 """
@@ -28,14 +28,20 @@ def selected_rows(meta, cali_st, cali_n):
     if missing:
         raise UserError(f"calib.pt has no {missing[0]!r} in its meta; re-record it with "
                         "quant_scripts/01_collect_input_4_calib.py.")
-    n_steps, batch, batches = int(meta["calib_steps"]), int(meta["calib_batch"]), int(meta["calib_batches"])
+    batch, batches = int(meta["calib_batch"]), int(meta["calib_batches"])
+    # the steps a trajectory really took (entries per run): CompVis's uniform spacing turns a non-divisor request
+    # into more steps (400 of 1000 -> stride 2 -> 500)
+    if batches < 1 or int(meta["n_entries"]) % batches:
+        raise UserError(f"calib.pt holds {meta['n_entries']} entries, which is not {batches} equal runs; re-record it.")
+    n_steps = int(meta["n_entries"]) // batches
     per_entry = int(meta["rows_per_entry"])
-    if int(meta["n_entries"]) != n_steps * batches or per_entry not in (batch, 2 * batch):
+    if per_entry not in (batch, 2 * batch):
         raise UserError(f"calib.pt holds {meta['n_entries']} entries of {per_entry} rows, which is not "
                         f"{batches} runs of {n_steps} steps with {batch} trajectories; re-record it.")
     paired = per_entry == 2 * batch
     if not 1 <= cali_n <= batch * batches:
-        raise UserError(f"cali_n must be between 1 and the {batch * batches} recorded trajectories, got {cali_n}.")
+        raise UserError(f"cali_n must be between 1 and the {batch * batches} recorded trajectories, got {cali_n}; "
+                        "record more with quant_scripts/01_collect_input_4_calib.py --calib_batch/--calib_batches.")
     rows, steps = [], []
     for k in selected_steps(n_steps, cali_st):
         halves = ([], []) if paired else ([],)

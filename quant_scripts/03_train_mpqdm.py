@@ -80,6 +80,10 @@ def check_args(args):
 def check_naive(args, meta):
     """naive.pt agrees with the flags and holds the schedule this loop trains on (the family's sequence of
     train_steps steps; its distinct values are the step-table keys); returns its number of steps."""
+    if meta.get("training") == "ptq":
+        raise UserError(f"{artifact_path(args, 'naive')} holds a {meta.get('method')} post-training model, which is "
+                        "complete after stage 2 and has no fine-tuning step; sample it with "
+                        "quant_scripts/04_sample_lora_model.py.")
     agree(args, meta, {"method": "method", "n_bits_w": "n_bits_w", "n_bits_a": "n_bits_a"}, "naive artifact")
     timesteps = meta.get("timesteps")
     if not isinstance(timesteps, list) or not timesteps or not isinstance(meta.get("config"), dict):

@@ -17,8 +17,8 @@ scripts/txt2img.py / scripts/sample_diffusion.py bit for bit.
 import os
 
 # _common first: it puts the repository root on sys.path
-from _common import (A_BITS, DDIM_ETA, MADE_BY, SEED, W_BITS, agree, artifact_path, build_student, check_ident,
-                     check_model_files, distinct, family, load_fp_model, load_stage_artifact, model_config, parser,
+from _common import (add_stage_flag, load_quantized_artifact, A_BITS, DDIM_ETA, MADE_BY, SEED, W_BITS, agree, artifact_path, build_student, check_ident,
+                     check_model_files, distinct, family, load_fp_model, model_config, parser,
                      prepare_output, prepare_run_dir, schedule_for, skip_type, unet_skeleton)
 from ldm import cli
 from ldm.util import UserError, cli_main
@@ -38,8 +38,7 @@ ENGINES = ("openvino",)
 
 def build_parser():
     p = parser(__doc__, CONSTANTS)
-    p.add_argument("--stage", choices=["finetuned", "naive"], default="finetuned",
-                   help="which quantized artifact to sample from (default: finetuned.pt)")
+    add_stage_flag(p, "sample from")
     p.add_argument("--from_export", default=None, metavar="PATH",
                    help="sample from a packed export (06_export_packed.py) instead of a run_dir artifact; the "
                         "file alone defines the quantized UNet (the FP checkpoint gives the autoencoder and "
@@ -143,11 +142,12 @@ def _sha256(obj):
     return hashlib.sha256(json.dumps(obj).encode("utf-8")).hexdigest()
 
 
-def check_schedule(args, steps, have, what):
+def check_schedule(args, steps, have, what, per_step=True):
     """The sampling schedule of ``steps`` steps must be the trained one or a subset of it (the temporal
-    activation scales are keyed by distinct timestep value); returns it (with any repeated values)."""
+    activation scales are keyed by distinct timestep value; a model without them, such as Q-Diffusion's, runs any
+    schedule); returns it (with any repeated values)."""
     wanted = schedule_for(args, steps, "--ddim_steps")
-    if not set(wanted) <= set(have):
+    if per_step and not set(wanted) <= set(have):
         raise UserError(f"--ddim_steps {steps} visits timesteps the {what} has no scales for; it was trained on "
                         f"{len(have)} distinct timesteps, so sample with its own schedule or a subset of it.")
     return wanted
@@ -174,7 +174,9 @@ def sampling_schedule(qunet, wanted):
     from quant.api import convert_schedule
 
     wanted = distinct(wanted)
-    return qunet if wanted == list(qunet.table.timesteps) else convert_schedule(qunet, wanted)
+    if not qunet.per_step or wanted == list(qunet.table.timesteps):
+        return qunet
+    return convert_schedule(qunet, wanted)
 
 
 def read_packed_header(args):
@@ -251,13 +253,13 @@ def main(argv=None):
     elif args.engine:
         meta, source, parent = None, os.path.abspath(args.engine[1]), {}
     else:
-        art = load_stage_artifact(args, args.stage)
+        args.stage, art = load_quantized_artifact(args)
         meta, source = art["meta"], os.path.abspath(artifact_path(args, args.stage))
         parent = {args.stage: meta["checksum"]}
     if meta is not None and not args.fp:
         agree(args, meta, {"method": "method", "n_bits_w": "n_bits_w", "n_bits_a": "n_bits_a"}, "quantized model")
         steps = args.ddim_steps if args.ddim_steps is not None else default_steps(args, meta)
-        wanted = check_schedule(args, steps, list(meta["timesteps"]), "quantized model")
+        wanted = check_schedule(args, steps, list(meta["timesteps"]), "quantized model", meta.get("per_step", True))
     overlap = evaluation_overlap((meta or {}).get("calib_prompts"), prompts or [])
     if overlap and not meta["calib_prompts"].get("allow_overlap"):
         raise UserError(f"{overlap} of the evaluation prompts are calibration prompts of this model; choose the "

@@ -13,15 +13,14 @@ cannot hold. The export therefore first rounds every z to the integer that moves
 import os
 
 # _common first: it puts the repository root on sys.path
-from _common import (A_BITS, MADE_BY, W_BITS, agree, artifact_path, build_student, check_ident, load_fp_model,
-                     load_stage_artifact, model_config, parser, prepare_output, prepare_run_dir, unet_config)
+from _common import (add_stage_flag, load_quantized_artifact, A_BITS, MADE_BY, W_BITS, agree, artifact_path, build_student, check_ident, load_fp_model,
+                     model_config, parser, prepare_output, prepare_run_dir, unet_config)
 from ldm.util import UserError, cli_main, write_error
 
 
 def build_parser():
     p = parser(__doc__, {"float_dtype": "float32"})
-    p.add_argument("--stage", choices=["finetuned", "naive"], default="finetuned",
-                   help="which quantized artifact to export (default: finetuned.pt)")
+    add_stage_flag(p, "export")
     p.add_argument("--out", default=None, help="output file (default: run_dir/export.safetensors)")
     p.add_argument("--float16", action="store_true",
                    help="store the unquantized tensors (FP layers, norms, biases, embeddings) as float16")
@@ -48,7 +47,7 @@ def main(argv=None):
     out = check_args(args)
     prepare_run_dir(args)
     prepare_output(out, "export")
-    art = load_stage_artifact(args, args.stage)
+    args.stage, art = load_quantized_artifact(args)
     meta = art["meta"]
     agree(args, meta, {"method": "method", "n_bits_w": "n_bits_w", "n_bits_a": "n_bits_a"}, f"{args.stage} artifact")
     model, ident = load_fp_model(args)

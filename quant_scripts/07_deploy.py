@@ -14,8 +14,8 @@ those layers: requantized per channel to the safe range (auto on such CPUs), kep
 import os
 
 # _common first: it puts the repository root on sys.path
-from _common import (PRESET_NAMES, artifact_path, build_student, class_info, load_fp_model,  # noqa: F401
-                     load_stage_artifact, unet_config)
+from _common import (add_stage_flag, load_quantized_artifact, PRESET_NAMES, artifact_path, build_student, class_info, load_fp_model,  # noqa: F401
+                     unet_config)
 from ldm import cli
 from ldm.cli import ArgumentParser, positive_int
 from ldm.util import UserError, cli_main
@@ -28,8 +28,7 @@ def build_parser():
     p.add_argument("--preset", default="cin256-v2", choices=PRESET_NAMES,
                    help="model preset (gives the FP model: autoencoder, conditioning, UNet config)")
     p.add_argument("--run_dir", required=True, help="run directory holding naive.pt / finetuned.pt")
-    p.add_argument("--stage", choices=["finetuned", "naive"], default="finetuned",
-                   help="which run_dir artifact to deploy (default: finetuned.pt)")
+    add_stage_flag(p, "deploy")
     p.add_argument("--from_export", default=None, metavar="PATH",
                    help="deploy a packed export (06_export_packed.py) instead of a run_dir artifact")
     p.add_argument("--engine", choices=sorted(ENGINES), default="openvino",
@@ -66,7 +65,7 @@ def load_quantized(args, model, ident):
         meta = {"method": header["method"], "n_bits_w": header["w_bits"], "n_bits_a": header["a_bits"],
                 "timesteps": header["timesteps"], "config_hash": ident["config_hash"]}
         return qunet, meta, path
-    art = load_stage_artifact(args, args.stage, ident)
+    args.stage, art = load_quantized_artifact(args, ident)
     meta, source = art["meta"], os.path.abspath(artifact_path(args, args.stage))
     if meta.get("stage") != args.stage:
         raise UserError(f"{source} is a {meta.get('stage')!r} artifact, not {args.stage!r}.")

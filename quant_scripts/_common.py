@@ -310,6 +310,28 @@ def load_stage_artifact(args, name, ident=None):
     return art
 
 
+def add_stage_flag(p, verb):
+    """--stage of 04, 06 and 07 (default: finetuned.pt, or naive.pt when it holds a post-training model)."""
+    p.add_argument("--stage", choices=["finetuned", "naive"], default=None,
+                   help=f"which run_dir artifact to {verb} (default: finetuned.pt; for a post-training method such as "
+                        "qdiffusion, whose model is complete after stage 2, naive.pt)")
+
+
+def load_quantized_artifact(args, ident=None):
+    """(stage, artifact) of the quantized model in run_dir that --stage names; without --stage, finetuned.pt, or
+    naive.pt when run_dir has no finetuned.pt and naive.pt holds a post-training (complete) model."""
+    stage = args.stage or "finetuned"
+    if stage == "finetuned" and not os.path.exists(artifact_path(args, "finetuned")) \
+            and os.path.exists(artifact_path(args, "naive")):
+        naive = load_stage_artifact(args, "naive", ident)
+        if naive["meta"].get("training") == "ptq":
+            if args.stage is None:
+                return "naive", naive
+            raise UserError(f"{artifact_path(args, 'naive')} holds a post-training model, which has no fine-tuned "
+                            "stage; use --stage naive or leave --stage out.")
+    return stage, load_stage_artifact(args, stage, ident)
+
+
 def check_ident(art, ident, name, path):
     """The artifact was made from the same model (preset, config hash, weights fingerprint, EMA choice)."""
     check_meta(art["meta"], ident, what=f"{name} artifact {path}",

@@ -22,18 +22,25 @@ from quant.policy import rule
 # Split rules per family: the decoder blocks' skip 1x1 convs (PEERS.md §1.5).
 SPLIT_LAYERS = {"compvis_unet": "output_blocks.*.0.skip_connection", "ddim_model": "up.*.block.*.nin_shortcut"}
 
-# Per-preset defaults (PEERS.md §1.6; cin256-v2 has no official recipe: toolkit choice [T]). The calibration
-# trajectories come from 01 (cin256-v2: DDIM 20, eta 0, CFG 3.0; bedrooms: 200 steps, eta 1; churches: 400, eta 0).
+# Per-preset defaults over the config's (the paper's LDM defaults), PEERS.md §1.6; cin256-v2 has no official recipe
+# (toolkit choice [T]). The calibration trajectories come from 01 (cin256-v2: DDIM 20, eta 0, CFG 3.0; bedrooms: 200
+# steps, eta 1; churches: 400, eta 0; CIFAR-10: quad 100, eta 0; SD: PLMS 50).
+_DIGITS = {"cali_st": 10, "cali_n": 8, "weight_iters": 300, "act_iters": 100, "weight_batch": 32, "act_batch": 32,
+           "act_init_n": 64, "running_batch": 64, "micro_batch": 32}
 PRESETS = {
     "cin256-v2": {"cali_st": 20, "cali_n": 256, "split": True},
     "lsun_beds256": {"cali_st": 20, "cali_n": 256, "split": False, "act_symmetric": True,
                      "act_scale_method": "max", "running_stat": True},
     "lsun_churches256": {"cali_st": 20, "cali_n": 256, "split": False},
+    "cifar10": {"cali_st": 20, "cali_n": 256, "split": True, "act_symmetric": True, "weight_init": "max"},
+    "sd-v1-4": {"cali_st": 25, "cali_n": 128, "split": True, "running_stat": True, "softmax_bits": 16,
+                "weight_batch": 8, "act_batch": 8, "act_init_n": 16, "running_batch": 16},
     # scaled to ~2-3 CPU minutes per run on the digits LDM (W4A8, 1 thread: 135 s of CPU time, issue 12): 160 rows
     # (10 of the 50 recorded steps x 8 samples x {uncond, cond}), 300 + 100 iterations per unit, caching forwards of
     # 32 rows (the model is tiny, so per-call overhead dominates; the result is the same up to float rounding)
-    "digits": {"cali_st": 10, "cali_n": 8, "split": True, "weight_iters": 300, "act_iters": 100,
-               "weight_batch": 32, "act_batch": 32, "act_init_n": 64, "running_batch": 64, "micro_batch": 32},
+    "digits": dict(_DIGITS, split=True),
+    "digits-txt2img": dict(_DIGITS, split=True, cali_st=10),           # 10 of the 50 PLMS steps x 8 prompts x 2
+    "digits-pixel": dict(_DIGITS, split=True, act_symmetric=True, weight_init="max", cali_st=10, cali_n=16),
 }
 
 
@@ -107,7 +114,7 @@ def _pos(v):
 
 
 def preset_options(preset):
-    """The Q-Diffusion defaults of a preset (plain options for make_config)."""
+    """The Q-Diffusion defaults of a preset over the config's (plain options for make_config)."""
     if preset not in PRESETS:
         raise UserError(f"Q-Diffusion has no preset {preset!r}; known: {sorted(PRESETS)}.")
     return dict(PRESETS[preset])
@@ -131,6 +138,9 @@ class QDiffusion(MethodHandler):
         def act():
             return ActQuantizer(config.a_bits, config.act_symmetric, config.act_scale_method)
         return [act(), act()] if kind == "qk" else [SoftmaxQuantizer(config.softmax_bits), act()]
+
+    def preset_options(self, preset):
+        return preset_options(preset)
 
     def init_weights(self, layer, x, config):
         raise UserError("Q-Diffusion is calibrated by quant.reconstruct.run_ptq, not by the naive calibration stage.")

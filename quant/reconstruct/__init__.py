@@ -30,6 +30,23 @@ def run_ptq(fp_unet, config, calib, run_dir, timesteps, progress=False, model_id
     rows = select_calibration(calib, config.cali_st, config.cali_n)
     session = PTQSession(fp_unet, config, rows, run_dir, timesteps, model_id=model_id, progress=progress,
                          unit_classes=getattr(handler, "unit_classes", None))
+    session.log["rows"] = int(rows["t"].shape[0])
     qunet = handler.run_ptq(session)
     qunet.ptq_log = session.log
     return qunet
+
+
+def discard_state(run_dir, cache_dir=""):
+    """Remove a reconstruction's resume state (``run_dir/recon``) and the shards and owner mark of its cache: after
+    the result is saved, or to start over."""
+    import os
+    import shutil
+
+    from quant.reconstruct.cache import clear_dir
+
+    if cache_dir:
+        clear_dir(cache_dir)
+        mark = os.path.join(cache_dir, "OWNER")
+        if os.path.exists(mark):
+            os.remove(mark)
+    shutil.rmtree(os.path.join(os.fspath(run_dir), "recon"), ignore_errors=True)

@@ -82,7 +82,7 @@ class PTQSession:
                 owner = fh.read().strip()
             if owner != self.fingerprint:
                 raise UserError(f"The reconstruction cache {self.cache_dir} belongs to another model, method config or "
-                                "calibration set; give another cache_dir or delete that directory.")
+                                "calibration set; give another cache_dir, or start over (quant_scripts/02: --restart).")
             clear_dir(self.cache_dir)
         else:
             with open(mark, "w") as fh:

@@ -51,7 +51,7 @@ class ReconState:
                     from None
             if saved.get("fingerprint") != fingerprint_value or saved.get("version") != STATE_VERSION:
                 raise UserError(f"The reconstruction state in {self.dir} belongs to another model, method config or "
-                                "calibration set; use a fresh run_dir or delete that directory.")
+                                "calibration set; use a fresh run_dir or start over (quant_scripts/02: --restart).")
             self.done = [tuple(e) for e in saved.get("done", [])]
         os.makedirs(self.dir, exist_ok=True)
 

@@ -37,9 +37,15 @@ def test_defaults_and_presets():
     assert (c.act_iters, c.act_lr, c.act_p, c.round_lambda, c.round_warmup) == (5000, 4e-4, 2.4, 0.01, 0.2)
     assert (c.cali_st, c.cali_n, c.softmax_bits, c.running_momentum) == (20, 256, 8, 0.95)
     assert c.quantize_attention_matmuls and c.lora_rank == 0
-    for preset in ("cin256-v2", "lsun_beds256", "lsun_churches256", "digits"):
+    from ldm.presets import PRESETS as MODEL_PRESETS
+    assert set(PRESETS) == set(MODEL_PRESETS)          # every model preset has Q-Diffusion defaults
+    for preset in PRESETS:
         cfg = make_config("qdiffusion", **preset_options(preset))
         assert dataclasses.asdict(cfg)["cali_st"] == PRESETS[preset]["cali_st"]
+    sd = make_config("qdiffusion", **preset_options("sd-v1-4"))     # PEERS.md §1.6: SD's own recipe
+    assert (sd.cali_st, sd.cali_n, sd.weight_batch, sd.softmax_bits, sd.running_stat) == (25, 128, 8, 16, True)
+    cifar = make_config("qdiffusion", **preset_options("cifar10"))
+    assert cifar.act_symmetric and cifar.weight_init == "max" and cifar.split
     beds = make_config("qdiffusion", **preset_options("lsun_beds256"))
     assert beds.act_symmetric and beds.running_stat and beds.act_scale_method == "max" and not beds.split
     with pytest.raises(UserError, match="no preset"):
@@ -68,6 +74,10 @@ def test_calibration_selection_closed_form():
             selected_rows(meta, **{"cali_st": 2, "cali_n": 2, **bad})
     with pytest.raises(UserError, match="re-record"):
         selected_rows(dict(meta, n_entries=7), 2, 2)
+    # a 400-step request on a 1000-step schedule ran 500 steps (stride 2): the recorded timesteps count
+    churches = dict(meta, calib_steps=400, n_entries=500, calib_batches=1, calib_timesteps=list(range(1, 1000, 2)))
+    rows, steps = selected_rows(churches, cali_st=20, cali_n=1)
+    assert steps.unique().tolist() == list(range(0, 500, 25)) and rows[:2].tolist() == [0, 3]
 
 
 def test_symmetric_and_softmax_quantizers_closed_form():

@@ -42,6 +42,8 @@ RUN = ("--preset", "digits", "--device", "cpu", "--run_dir", "{run}", "--no_prog
 SCRIPTS = [
     Script("quant_scripts/01_collect_input_4_calib.py", RUN + ("--calib_steps", "4", "--calib_batch", "1")),
     Script("quant_scripts/02_quantize_ldm_naive.py", RUN + ("--n_calib", "8", "--train_steps", "4"), ("calib",)),
+    Script("quant_scripts/02_quantize_ldm_naive.py", RUN + ("--method", "qdiffusion", "--cali_st", "2", "--cali_n",
+                                                            "2", "--weight_iters", "1", "--act_iters", "1"), ("calib",)),
     Script("quant_scripts/03_train_mpqdm.py", RUN + ("--epochs", "1", "--batch_size", "1"), ("naive",)),
     Script("quant_scripts/04_sample_lora_model.py", RUN + ("--n_samples", "2", "--batch_size", "2"), ("finetuned",)),
     Script("quant_scripts/04_sample_lora_model.py", RUN + ("--stage", "naive", "--n_samples", "2"), ("naive",)),
@@ -54,7 +56,8 @@ SCRIPTS = [
     Script("scripts/txt2img.py", ("--preset", "digits-txt2img", "--prompt", "a handwritten seven", "--outdir",
                                   "{run}/t2i", "--ddim_steps", "2", "--device", "cpu", "--no_progress")),
 ]
-SCRIPT_IDS = [f"{os.path.basename(s.path)}{'-' + s.consumes[0] if s.consumes else ''}" for s in SCRIPTS]
+SCRIPT_IDS = [f"{os.path.basename(s.path)}{'-' + s.consumes[0] if s.consumes else ''}"
+              f"{'-' + s.argv[s.argv.index('--method') + 1] if '--method' in s.argv else ''}" for s in SCRIPTS]
 EXAMPLES = 4  # generated values per flag: the validators are simple, breadth over the flags matters more
 
 # ------------------------------------------------------------------------------------ bad values per validator
