@@ -51,14 +51,31 @@ def bit_rows(bits, naive=True):
     return rows
 
 
-def ptq_rows(bits, method="qdiffusion", label="Q-Diffusion"):
-    """A post-training method's rows: calibrated and reconstructed by 02 with its preset, sampled by 04."""
-    return [dict(name=f"{method}-w{w}a{a}", label=label, method=method, w=w, a=a, stage="ptq") for w, a in bits]
+def ptq_rows(bits, method="qdiffusion", label="Q-Diffusion", suffix="", flags=(), calib="trajectory"):
+    """A post-training method's rows: calibrated and reconstructed by 02 with its preset (plus ``flags``), sampled by
+    04; ``suffix`` tells apart rows of one method with other flags, ``calib`` names their calibration data
+    (CALIBRATIONS)."""
+    return [dict(name=f"{method}{suffix}-w{w}a{a}", label=label, method=method, w=w, a=a, stage="ptq",
+                 flags=list(flags), calib=calib) for w, a in bits]
 
 
+# Calibration data per recipe (one 01 run each, shared by the rows naming it): the preset's recorded trajectories,
+# or TFMQ-DM's (PEERS.md §3.4): a fresh FP run per step, on the sampling schedule its per-step sets are keyed by
+# (the digits preset samples DDIM 20, eta 0, CFG 3.0)
+CALIBRATIONS = {
+    "trajectory": [],
+    "tfmqdm": ["--calib_data", "fresh_per_step", "--calib_steps", 20, "--calib_eta", 0.0, "--calib_scale", 3.0],
+}
+
+PTQ_BITS = [(8, 8), (4, 8), (4, 4), (3, 4), (2, 4)]
 # Q-Diffusion at its own settings (W8A8, W4A8) and where the MPQ-DM paper says PTQ collapses (W4A4 and below)
-QDIFFUSION_ROWS = ptq_rows([(8, 8), (4, 8), (4, 4), (3, 4), (2, 4)])
-MAIN_ROWS = [FP_ROW] + QDIFFUSION_ROWS + bit_rows([(4, 8), (4, 4), (3, 4), (2, 4)]) + [MPQDM_PLUS_W2A4]
+QDIFFUSION_ROWS = ptq_rows(PTQ_BITS)
+# TFMQ-DM with per-step sets on the time-embedding block only (the paper) and on every quantizer (the released code)
+TFMQDM_ROWS = (ptq_rows(PTQ_BITS, "tfmqdm", "TFMQ-DM (FSC paper)", "-paper", ["--fsc", "paper"], "tfmqdm")
+               + ptq_rows(PTQ_BITS, "tfmqdm", "TFMQ-DM (FSC released)", "-released", ["--fsc", "released"], "tfmqdm"))
+MAIN_ROWS = ([FP_ROW] + QDIFFUSION_ROWS + TFMQDM_ROWS + bit_rows([(4, 8), (4, 4), (3, 4), (2, 4)])
+             + [MPQDM_PLUS_W2A4])
+_TFMQ_W4A8 = next(r for r in TFMQDM_ROWS if r["name"] == "tfmqdm-paper-w4a8")
 
 ABLATION_ROWS = [
     dict(name="efficientdm-w2a4", label="EfficientDM", method="efficientdm", w=2, a=4),
@@ -77,6 +94,11 @@ ABLATION_ROWS = [
          ft_flags=["--lora_lr_scale", "0.1"]),
     dict(name="abl-mpqdm-lora01-w2a4", label="MPQ-DM, LoRA lr x0.1", method="mpqdm", w=2, a=4,
          ft_flags=["--lora_lr_scale", "0.1"]),
+    # TFMQ-DM's own ablation (its paper: TIAR and FSC each lower FID at W4A8), against its full W4A8 row
+    _TFMQ_W4A8,
+    *ptq_rows([(4, 8)], "tfmqdm", "TFMQ-DM, TIAR off (FSC paper)", "-abl-tiar-off",
+              ["--fsc", "paper", "--tiar", "off"], "tfmqdm"),
+    *ptq_rows([(4, 8)], "tfmqdm", "TFMQ-DM, FSC off (TIAR on)", "-abl-fsc-off", ["--fsc", "off"], "tfmqdm"),
 ]
 
 _BY_NAME = {r["name"]: r for r in MAIN_ROWS + ABLATION_ROWS}
@@ -90,7 +112,8 @@ TEXT_PROMPTS = 20  # the digits-heldout prompt set: 2 phrasings x 10 digits
 PIXEL_ROWS = [FP_ROW] + bit_rows([(8, 8), (4, 8), (4, 4), (2, 4)])
 
 PROFILES = {
-    # the results table: about 45 minutes on 2 CPU cores with --jobs 2 (13 fine-tuning runs of 800 iterations)
+    # the results table: about an hour on 2 CPU cores with --jobs 2 (15 fine-tuning runs of 800 iterations, 17
+    # post-training runs of 1-4 minutes each)
     "full": dict(rows=MAIN_ROWS, ablation=ABLATION_ROWS, epochs=40, n_samples=1000, out_dir="runs/digits_table",
                  md="results/digits.md", json="results/digits.json"),
     # make demo: the digits preset's 16-epoch budget (320 iterations), a few minutes
@@ -216,11 +239,14 @@ def main(argv=None):
     runner = Runner(args.out_dir, args.quiet)
     started = time.time()
 
-    calib_dir = os.path.join(args.out_dir, "calib")
-    calib = os.path.join(calib_dir, "calib.pt")
-    if not os.path.exists(calib):
-        print("[01] calibration trajectories", flush=True)
-        runner(calib_dir, "quant_scripts/01_collect_input_4_calib.py", "--preset", args.preset, "--run_dir", calib_dir)
+    calibs = {}
+    for recipe in sorted({r.get("calib", "trajectory") for r in rows if r["method"] != "fp"} | {"trajectory"}):
+        calib_dir = os.path.join(args.out_dir, "calib" if recipe == "trajectory" else f"calib-{recipe}")
+        calibs[recipe] = os.path.join(calib_dir, "calib.pt")
+        if not os.path.exists(calibs[recipe]):
+            print(f"[01] calibration data ({recipe})", flush=True)
+            runner(calib_dir, "quant_scripts/01_collect_input_4_calib.py", "--preset", args.preset, "--run_dir",
+                   calib_dir, *CALIBRATIONS[recipe])
 
     # Fine-tuned runs first (naive rows sample from their artifacts), in parallel chains.
     trained = [r for r in rows if r.get("stage") != "naive"]
@@ -228,7 +254,8 @@ def main(argv=None):
     seconds = {}
     for batch in (trained, naive):
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {r["name"]: pool.submit(run_row, r, args, runner, calib) for r in batch}
+            futures = {r["name"]: pool.submit(run_row, r, args, runner, calibs[r.get("calib", "trajectory")])
+                       for r in batch}
             for name, fut in futures.items():
                 seconds[name] = fut.result()
                 print(f"[done] {name}", flush=True)
@@ -272,6 +299,22 @@ def main(argv=None):
                      f"rows with guidance; {q['weight_iters']} AdaRound + {q['act_iters']} activation-delta "
                      "iterations per block, nothing kept FP, attention matmuls quantized, one activation scale for "
                      "all steps); their seconds are 02's wall time.")
+    if any(r["method"] == "tfmqdm" for r in rows):
+        from quant.calib_fresh import unet_calls
+        from quant.methods.tfmqdm import PRESETS as TFMQ
+        t = TFMQ[args.preset]
+        settings += (f" TFMQ-DM rows (stage ptq, 02 --method tfmqdm with the {args.preset} preset's options and the "
+                     "row's --fsc / --tiar) calibrate on TFMQ-DM's own data: a fresh FP run per step on the sampling "
+                     "schedule (01 " + " ".join(map(str, CALIBRATIONS["tfmqdm"])) + f", {unet_calls(20)} UNet calls "
+                     "per batch of trajectories instead of 20, not counted in the rows' seconds); TIAR "
+                     f"({t['tiar_iters']} AdaRound iterations "
+                     f"on the time MLP and every ResBlock's embedding linear), then {t['weight_iters']} AdaRound "
+                     f"iterations per block on {t['cali_st']} of the 20 steps x {t['cali_n']} trajectories (x2 rows "
+                     f"with guidance), then FSC: min-max with EMA (momentum 0.95) from an MSE init, on all 20 steps "
+                     f"x {t['fsc_n']} trajectories, one activation set per step on the time-embedding block's "
+                     "inputs (FSC paper) or on every activation quantizer (FSC released), one set elsewhere; no "
+                     "activation-delta learning; FP: the input and output convs, time_embed.0 and the skip / "
+                     "downsample convs; attention matmuls quantized; their seconds are 02's wall time.")
     full = PROFILES["text" if args.profile == "demo-text" else "full"]
     md = [f"# Digits results ({args.profile} profile)", "", "Command:", "", "```", command, "```", "",
           f"Settings: {settings}", "",
@@ -282,8 +325,10 @@ def main(argv=None):
           f"{time.time() - started:.0f} s (re-runs skip finished artifacts).", ""]
     md += _table("Main table", [records[r["name"]] for r in prof["rows"]])
     if prof["ablation"]:
-        md += ["", "Same command, same settings; all rows W2A4:", ""]
-        md += _table("Ablation at W2A4", [records[r["name"]] for r in prof["ablation"]])
+        bits = sorted({(r["w"], r["a"]) for r in prof["ablation"]}, reverse=True)
+        at = ", ".join(f"W{w}A{a}" for w, a in bits)
+        md += ["", f"Same command, same settings; rows at {at}:", ""]
+        md += _table(f"Ablation at {at}", [records[r["name"]] for r in prof["ablation"]])
     text = "\n".join(md) + "\n"
     atomic_write_bytes(os.path.join(REPO, md_path) if not os.path.isabs(md_path) else md_path, text.encode())
     ordered = [records[r["name"]] for r in rows]

@@ -8,7 +8,8 @@ diverge (``shared`` cleared) a step index from ``quant.step.step_scope`` is requ
 Options fixed at construction (they come from the layer policy, so ``build_from_meta`` re-creates them):
 ``symmetric`` (signed grid, z fixed at 2^(b-1); see quant.quantizer) and ``scale_method`` ("mse" | "max") of
 ``calibrate``. ``SoftmaxQuantizer`` is the unsigned attention-probability quantizer: z = 0, Δ = max/(2^b - 1),
-up to 16 bits. ``set_range(lo, hi)`` sets (Δ, z) from a tracked range (running statistics).
+up to 16 bits; ``TemporalSoftmaxQuantizer`` is its per-step form (TFMQ-DM's released FSC, up to 8 bits).
+``set_range(lo, hi)`` sets (Δ, z) from a tracked range (running statistics).
 """
 import torch
 from torch import nn
@@ -140,3 +141,29 @@ class TemporalActQuantizer(nn.Module):
 
     def extra_repr(self):
         return f"bits={self.n_bits}, steps={self.n_steps}" + (", symmetric" if self.symmetric else "")
+
+
+class TemporalSoftmaxQuantizer(TemporalActQuantizer):
+    """Per-step unsigned attention-probability quantizer (TFMQ-DM's released FSC gives every activation quantizer,
+    the softmax's included, one set per step): entry k has z = 0, Δ = max/(2^b - 1)."""
+
+    def __init__(self, n_bits, n_steps):
+        super().__init__(n_bits, n_steps, symmetric=False, scale_method="max")
+
+    @torch.no_grad()
+    def calibrate(self, x):
+        self.set_range(0.0, x.detach().max())
+
+    @torch.no_grad()
+    def set_range(self, lo, hi, k=None):
+        delta, zero = range_qparams(0.0, hi, self.n_bits, unsigned=True)
+        if k is None:
+            self.delta.fill_(delta.item())
+            self.zero.fill_(zero.item())
+            self.shared.fill_(True)
+        else:
+            self.delta[k] = delta
+            self.zero[k] = zero
+
+    def extra_repr(self):
+        return f"bits={self.n_bits}, steps={self.n_steps}, unsigned"

@@ -105,6 +105,7 @@ def _ensure_methods_loaded():
     import quant.methods.efficientdm  # noqa: F401  (registration side effect)
     import quant.methods.mpqdm  # noqa: F401
     import quant.methods.qdiffusion  # noqa: F401
+    import quant.methods.tfmqdm  # noqa: F401
 
 
 def get_method(name):

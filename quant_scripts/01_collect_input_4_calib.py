@@ -9,6 +9,11 @@ step (PLMS's first-step look-ahead call is not recorded), with the uncond rows o
 Per family (ldm.pipelines): class-conditional LDMs draw a random class per trajectory; text LDMs take one
 calibration prompt per trajectory (a seeded selection from --calib_prompts, disjoint from the evaluation prompts
 of --eval_prompts unless --calib_overlap_pitfall); the pixel family is unconditional, no guidance, no first stage.
+
+--calib_data fresh_per_step is TFMQ-DM's data (PEERS.md §3.4): every step's entry comes from its own fresh FP run
+(new noise, the batch's classes or prompts), stopped after that step, at the cost of n(n+1)/2 sampling steps per
+batch instead of n (printed before it starts); the file has the same layout, so any post-training method selects
+from it.
 """
 import torch
 
@@ -18,6 +23,7 @@ from _common import (DDIM_ETA, SEED, adapter, artifact_path, check_model_files, 
 from ldm import cli
 from ldm.util import UserError, cli_main
 from quant.artifacts import save_artifact
+from quant.calib_fresh import record_fresh_per_step
 
 # ---- constants: MPQ-DM ImageNet defaults (each is also a flag; a --preset may override) ----
 CONSTANTS = {
@@ -29,6 +35,7 @@ CONSTANTS = {
     "calib_batches": 1,      # number of such batches (ImageNet: 1 -> 2B*250 = 4000 tuples)
     "seed": 0,               # classes, x_T and per-step noise
     "prompt_seed": 0,        # text models: the evaluation selection (as 04 draws it) and the calibration draw
+    "calib_data": "trajectory",  # trajectory: one run per batch, every step kept | fresh_per_step: TFMQ-DM's
 }
 
 
@@ -44,6 +51,10 @@ def build_parser():
                    help="trajectories per batch (random classes, or one calibration prompt each)")
     p.add_argument("--calib_batches", type=cli.positive_int, help="number of batches to record")
     p.add_argument("--seed", type=SEED, help="seed of classes, x_T and sampler noise")
+    p.add_argument("--calib_data", choices=["trajectory", "fresh_per_step"],
+                   help="trajectory: each batch's one sampling run, every step kept (Q-Diffusion, MPQ-DM); "
+                        "fresh_per_step: a fresh run from new noise for every step, kept only at that step "
+                        "(TFMQ-DM; n(n+1)/2 sampling steps per batch instead of n)")
     t = p.add_argument_group("text models (calibration prompts: calib_batch x calib_batches of them)")
     t.add_argument("--calib_prompts", default=None, metavar="SOURCE",
                    help="calibration prompt set: a COCO captions JSON (e.g. captions_train2014.json), a text file "
@@ -111,14 +122,42 @@ def collect(model, args, prompts=None):
             items = prompts[b * args.calib_batch:(b + 1) * args.calib_batch]
         cond = fam.cond(items) if conditional else None
         uncond = fam.uncond(args.calib_batch) if conditional else None
+        scale = args.calib_scale if conditional else 1.0
+        if args.calib_data == "fresh_per_step":
+            entries += record_fresh_per_step(fam, fresh_draw(fam, args, gen, cond, uncond), scale,
+                                             args.calib_steps, args.calib_eta, args.calib_sampler, spacing,
+                                             progress=not args.no_progress)
+            continue
         x_T = torch.randn((args.calib_batch, *fam.latent_shape), generator=gen).to(model.device)
         noise_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
         noise_gen = torch.Generator(device=model.device).manual_seed(noise_seed)
-        entries += fam.record(x_T, cond, uncond, args.calib_scale if conditional else 1.0, args.calib_steps,
+        entries += fam.record(x_T, cond, uncond, scale, args.calib_steps,
                               args.calib_eta, args.calib_sampler, spacing, noise_gen, progress=not args.no_progress)
     uncond_context = None if not conditional else fam.uncond(1).float().cpu()
     timesteps = fam.sampling_timesteps(args.calib_steps, args.calib_sampler, spacing)
     return entries, labels_all, timesteps, fam, uncond_context
+
+
+def fresh_draw(fam, args, gen, cond, uncond):
+    """draw(k) of a batch's fresh run for step k: new x_T and sampler noise; the batch's classes or prompts are kept
+    (as TFMQ-DM keeps its classes at every step)."""
+    def draw(_k):
+        x_T = torch.randn((args.calib_batch, *fam.latent_shape), generator=gen).to(fam.model.device)
+        noise_seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
+        return x_T, cond, uncond, torch.Generator(device=fam.model.device).manual_seed(noise_seed)
+    return draw
+
+
+def cost_line(args, n_steps):
+    """What --calib_data costs, in sampling steps (UNet calls; a guided call counts once)."""
+    from quant.calib_fresh import unet_calls
+
+    one = n_steps + (1 if args.calib_sampler == "plms" else 0)
+    if args.calib_data == "trajectory":
+        return f"calib_data trajectory: {one * args.calib_batches} UNet calls ({one} per batch)"
+    calls = unet_calls(n_steps, args.calib_sampler)
+    return (f"calib_data fresh_per_step: {n_steps} fresh runs per batch, {calls * args.calib_batches} UNet calls "
+            f"({calls} per batch, {calls / one:.1f}x one trajectory's {one})")
 
 
 def main(argv=None):
@@ -126,6 +165,9 @@ def main(argv=None):
     selection = check_args(args)
     prepare_run_dir(args)
     model, ident = load_fp_model(args)
+    cost = cost_line(args, len(adapter(model).sampling_timesteps(args.calib_steps, args.calib_sampler,
+                                                                 skip_type(args))))
+    print(cost, flush=True)
     prompts, record = (None, None) if selection is None else selection
     entries, labels, timesteps, fam, uncond_context = collect(model, args, None if prompts is None
                                                               else prompts.prompts)
@@ -141,7 +183,8 @@ def main(argv=None):
             "calib_scale": args.calib_scale if conditional else 1.0, "calib_batch": args.calib_batch,
             "calib_batches": args.calib_batches, "seed": args.seed, "calib_timesteps": timesteps,
             "classes": labels, "class_conditional": fam.conditioning == "class", "n_entries": len(entries),
-            "rows_per_entry": int(entries[0]["x"].shape[0]), "n_tuples": int(payload["x"].shape[0])}
+            "rows_per_entry": int(entries[0]["x"].shape[0]), "n_tuples": int(payload["x"].shape[0]),
+            "calib_data": args.calib_data}
     if fam.family == "pixel":
         meta["skip_type"] = skip_type(args)
     if record is not None:
@@ -149,7 +192,7 @@ def main(argv=None):
     path = artifact_path(args, "calib")
     save_artifact(path, meta, **payload)
     print(f"wrote {path}: {meta['n_tuples']} calibration tuples from {len(entries)} sampling steps"
-          + (f" of {len(prompts.prompts)} calibration prompts" if prompts is not None else ""))
+          + (f" of {len(prompts.prompts)} calibration prompts" if prompts is not None else "") + f"; {cost}")
     return path
 
 

@@ -9,10 +9,12 @@ Every family: LDM tuples carry their context (class embeddings, or [77 x d] text
 recorded); the pixel family's have none. The per-step activation quantizers get one scale per DISTINCT timestep of
 the --train_steps schedule (quant.step: the pixel family's quad-100 has 96, its repeated values share one).
 
-Post-training methods (--method qdiffusion) instead select cali_st steps x cali_n trajectories of calib.pt and run
-the streamed block reconstruction (AdaRound weights, then activation Δ); the result in naive.pt is complete and goes
-straight to 04 (03 refuses it). The reconstruction resumes per block after a kill (run_dir/recon/); its cache stays
-within --max_cache_gb in memory and spills to --cache_dir.
+Post-training methods (--method qdiffusion, tfmqdm) instead select cali_st steps x cali_n trajectories of calib.pt
+and run the streamed block reconstruction (Q-Diffusion: AdaRound weights, then activation Δ; TFMQ-DM: TIAR on the
+time-embedding block, AdaRound on the rest, then per-step activation sets by FSC on every recorded step, which must
+be the --train_steps schedule's: record calib.pt with 01 --calib_data fresh_per_step on it); the result in naive.pt
+is complete and goes straight to 04 (03 refuses it). The reconstruction resumes per block after a kill
+(run_dir/recon/); its cache stays within --max_cache_gb in memory and spills to --cache_dir.
 """
 import torch
 
@@ -74,19 +76,25 @@ PTQ_CONSTANTS = {
     "max_cache_gb": 8.0,     # in-memory budget of one block's cached inputs and targets (the rest goes to disk)
     "cache_dir": "",         # "" = run_dir/recon/cache
     "cache_dtype": "float32",  # float16 halves the cache (cached inputs and targets rounded)
+    # TFMQ-DM's own (PEERS.md §3; its preset sets act_init_n = running_batch = 16, FSC's init rows and EMA batches)
+    "fsc": "paper",          # per-step activation sets: paper (TIB only) | released (every quantizer) | off (none)
+    "fsc_n": 256,            # trajectories per step for FSC, on every recorded step
+    "tiar": "on",            # reconstruct the time-embedding block on its own first (off: BRECQ-style, the ablation)
+    "tiar_iters": 20000,     # AdaRound iterations of TIAR
+    "tiar_batch": 32,
 }
-SWITCHES = ("act_symmetric", "running_stat", "split")  # on/off flags -> booleans of the config
+SWITCHES = ("act_symmetric", "running_stat", "split", "tiar")  # on/off flags -> booleans of the config
 
 
-PTQ_METHODS = ("qdiffusion",)
+PTQ_METHODS = ("qdiffusion", "tfmqdm")
 METHODS = ("efficientdm", "mpqdm", "mpqdm+") + PTQ_METHODS
 
 
 def build_parser():
     p = parser(__doc__, {**CONSTANTS, **PTQ_CONSTANTS}, "naive")
     p.add_argument("--method", choices=METHODS,
-                   help="quantization method: efficientdm, mpqdm, mpqdm+ (fine-tuned next by 03) or qdiffusion "
-                        "(post-training: reconstructed here, sampled directly by 04)")
+                   help="quantization method: efficientdm, mpqdm, mpqdm+ (fine-tuned next by 03) or qdiffusion, "
+                        "tfmqdm (post-training: reconstructed here, sampled directly by 04)")
     p.add_argument("--n_bits_w", type=W_BITS,
                    help="weight bits b, 2..8 (MPQ-DM mixes b-1, b, b+1 per channel, so 2..7 there)")
     p.add_argument("--n_bits_a", type=A_BITS, help="activation bits (2..8)")
@@ -113,7 +121,8 @@ def build_parser():
     m.add_argument("--trd_tau", type=cli.positive_float, help="TRD softmax temperature tau")
     m.add_argument("--trd_cadence", choices=["aligned", "sliding"],
                    help="TRD windows: aligned (non-overlapping, every N-th step) or sliding (every step >= N-1)")
-    q = p.add_argument_group("post-training reconstruction (qdiffusion; PEERS.md §1)")
+    q = p.add_argument_group("post-training reconstruction (qdiffusion, tfmqdm; PEERS.md §1, §3; the activation "
+                             "stage's act_* options, running_stat, act_symmetric and split are Q-Diffusion's)")
     q.add_argument("--cali_st", type=cli.positive_int,
                    help="calibration steps: {0, s, 2s, ...} of calib.pt's trajectories, s = recorded steps // cali_st")
     q.add_argument("--cali_n", type=cli.positive_int,
@@ -149,6 +158,16 @@ def build_parser():
     q.add_argument("--cache_dir", help="where cache shards beyond the budget go (default run_dir/recon/cache)")
     q.add_argument("--cache_dtype", choices=["float32", "float16"],
                    help="float16 halves cache memory and disk (cached inputs and targets rounded)")
+    f = p.add_argument_group("TFMQ-DM only (tfmqdm; PEERS.md §3)")
+    f.add_argument("--fsc", choices=["paper", "released", "off"],
+                   help="finite set calibration: per-step activation sets on the time-embedding block's inputs "
+                        "(paper), on every activation quantizer (released code), or one set everywhere (off)")
+    f.add_argument("--fsc_n", type=cli.positive_int,
+                   help="recorded trajectories used per step by FSC (x2 rows with guidance), on every step")
+    f.add_argument("--tiar", choices=["on", "off"],
+                   help="time-embedding-aware reconstruction of the Temporal Information Block before the blocks")
+    f.add_argument("--tiar_iters", type=cli.nonneg_int, help="AdaRound iterations of TIAR")
+    f.add_argument("--tiar_batch", type=cli.positive_int, help="rows per TIAR iteration")
     q.add_argument("--restart", action="store_true",
                    help="discard the resume state of a killed reconstruction in run_dir (and its cache) and start "
                         "over; without it a killed run continues from its last finished block")
@@ -159,15 +178,20 @@ def is_ptq(method):
     return method in PTQ_METHODS
 
 
+def ptq_fields(method):
+    """The PTQ_CONSTANTS options that ``method``'s config has (the others do not apply to it)."""
+    from quant.api import get_method
+
+    return set(PTQ_CONSTANTS) & set(get_method(method)[0].__dataclass_fields__)
+
+
 def resolve_ptq(args, given):
     """Post-training options: explicit flag > the method's preset (quant/methods/<method>.py) > PTQ_CONSTANTS."""
     from quant.api import get_method
 
-    cfg_cls, handler = get_method(args.method)
-    preset = handler.preset_options(args.preset)
-    names = set(PTQ_CONSTANTS) & {f for f in cfg_cls.__dataclass_fields__}
+    preset = get_method(args.method)[1].preset_options(args.preset)
     opts = {}
-    for name in sorted(names):
+    for name in sorted(ptq_fields(args.method)):
         value = getattr(args, name) if name in given else preset.get(name, PTQ_CONSTANTS[name])
         opts[name] = (value == "on") if name in SWITCHES and isinstance(value, str) else value
         setattr(args, name, opts[name])
@@ -205,7 +229,11 @@ def check_args(args, given):
                         "none.")
     if not is_ptq(args.method) and first(PTQ_CONSTANTS):
         raise UserError(f"--{first(PTQ_CONSTANTS)} is a post-training reconstruction option; use it with "
-                        f"--method qdiffusion, not {args.method}.")
+                        f"--method {' or '.join(PTQ_METHODS)}, not {args.method}.")
+    if is_ptq(args.method) and first(set(PTQ_CONSTANTS) - ptq_fields(args.method)):
+        name = first(set(PTQ_CONSTANTS) - ptq_fields(args.method))
+        owners = [m for m in PTQ_METHODS if name in ptq_fields(m)]
+        raise UserError(f"--{name} is an option of {' and '.join(owners)}, not of {args.method}.")
     check_bits(args.n_bits_w, args.n_bits_a)
     config = make_config(args.method, **method_options(args, given))  # validates (UserError on a bad combination)
     return config, schedule_for(args, args.train_steps, "--train_steps")
@@ -301,7 +329,8 @@ def reconstruct(args, config, calib, model, timesteps):
     qunet = run_ptq(model.model.diffusion_model, config, calib, args.run_dir, timesteps, progress=not args.no_progress)
     log = qunet.ptq_log
     return qunet, {"n_calib_rows": int(log.get("rows", 0)), "ptq_seconds": time.perf_counter() - start,
-                   "ptq_times": log.get("times", {}), "trd_mode": "off"}
+                   "ptq_times": log.get("times", {}), "trd_mode": "off",
+                   "calib_data": calib["meta"].get("calib_data", "trajectory")}
 
 
 if __name__ == "__main__":

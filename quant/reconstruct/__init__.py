@@ -28,8 +28,11 @@ def run_ptq(fp_unet, config, calib, run_dir, timesteps, progress=False, model_id
         raise UserError(f"method {config.method!r} is not a post-training method; quantize it with the naive "
                         "calibration stage instead.")
     rows = select_calibration(calib, config.cali_st, config.cali_n)
+    if hasattr(handler, "check_calibration"):   # a method's own demands on calib.pt, before anything is written
+        handler.check_calibration(calib, config, timesteps)
     session = PTQSession(fp_unet, config, rows, run_dir, timesteps, model_id=model_id, progress=progress,
                          unit_classes=getattr(handler, "unit_classes", None))
+    session.calib = calib        # a method may select further rows from it (TFMQ-DM: every step for FSC)
     session.log["rows"] = int(rows["t"].shape[0])
     qunet = handler.run_ptq(session)
     qunet.ptq_log = session.log
