@@ -114,10 +114,13 @@ class TemporalActQuantizer(nn.Module):
         self.zero.fill_(zero.item())
         self.shared.fill_(True)
 
+    def _range_qparams(self, lo, hi):
+        return range_qparams(lo, hi, self.n_bits, symmetric=self.symmetric)
+
     @torch.no_grad()
     def set_range(self, lo, hi, k=None):
         """(Δ, z) from a tracked range, into entry k (all entries, shared, when k is None)."""
-        delta, zero = range_qparams(lo, hi, self.n_bits, symmetric=self.symmetric)
+        delta, zero = self._range_qparams(lo, hi)
         if k is None:
             self.delta.fill_(delta.item())
             self.zero.fill_(zero.item())
@@ -154,16 +157,8 @@ class TemporalSoftmaxQuantizer(TemporalActQuantizer):
     def calibrate(self, x):
         self.set_range(0.0, x.detach().max())
 
-    @torch.no_grad()
-    def set_range(self, lo, hi, k=None):
-        delta, zero = range_qparams(0.0, hi, self.n_bits, unsigned=True)
-        if k is None:
-            self.delta.fill_(delta.item())
-            self.zero.fill_(zero.item())
-            self.shared.fill_(True)
-        else:
-            self.delta[k] = delta
-            self.zero[k] = zero
+    def _range_qparams(self, lo, hi):
+        return range_qparams(0.0, hi, self.n_bits, unsigned=True)
 
     def extra_repr(self):
         return f"bits={self.n_bits}, steps={self.n_steps}, unsigned"

@@ -15,8 +15,9 @@ from functools import partial
 from ldm.util import UserError
 from quant import adaround
 from quant.activation import ActQuantizer, SoftmaxQuantizer
-from quant.api import MethodHandler, QuantConfig, register_method
+from quant.api import MethodHandler, register_method
 from quant.layers import LayerSpec
+from quant.methods.ptq_config import PTQConfig, is_int, is_pos, preset_lookup
 from quant.policy import rule
 
 # Split rules per family: the decoder blocks' skip 1x1 convs (PEERS.md §1.5).
@@ -45,79 +46,28 @@ PRESETS = {
 
 
 @dataclass(frozen=True)
-class QDiffusionConfig(QuantConfig):
+class QDiffusionConfig(PTQConfig):
     method = "qdiffusion"
-    lora_rank: int = 0
-    quantize_attention_matmuls: bool = True
-    weight_init: str = "mse"            # weight scale method: "mse" (LDM, SD) | "max" (CIFAR)
-    act_scale_method: str = "mse"       # activation init: "mse" | "max" (the min-max option)
+    label = "Q-Diffusion"
     act_symmetric: bool = False
     running_stat: bool = False          # EMA (momentum running_momentum) of activation ranges after the init
     split: bool = True                  # shortcut-split the decoder skip 1x1 convs
-    softmax_bits: int = 8               # 16: excluded from Δ learning
-    cali_st: int = 20                   # calibration steps {0, s, 2s, ...}, s = n_steps // cali_st
-    cali_n: int = 256                   # samples (trajectories) per step; x2 rows with classifier-free guidance
-    weight_iters: int = 20000
-    weight_lr: float = 1e-3
-    weight_batch: int = 32
-    weight_p: float = 2.0
-    round_lambda: float = 0.01
-    round_warmup: float = 0.2
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    act_iters: int = 5000
+    act_iters: int = 5000               # activation-Δ (LSQ) stage; a 16-bit softmax is left out of it
     act_lr: float = 4e-4
     act_batch: int = 32
     act_p: float = 2.4
-    act_init_n: int = 64                # rows of the first-reach activation init forward
-    running_batch: int = 64
-    running_momentum: float = 0.95
-    micro_batch: int = 8                # rows per caching forward
-    max_cache_gb: float = 8.0           # in-memory budget of one unit's cached inputs/targets (then disk)
-    cache_dir: str = ""                 # "" = <run_dir>/recon/cache
-    cache_dtype: str = "float32"        # "float16" halves cache memory and disk (cached inputs/targets rounded)
 
-    def __post_init__(self):
-        super().__post_init__()
-        checks = [
-            (self.lora_rank == 0, "Q-Diffusion has no LoRA, so lora_rank must be 0"),
-            (not self.smoothing, "Q-Diffusion uses no smoothing"),
-            (self.act_scale_method in ("mse", "max"), "act_scale_method must be 'mse' or 'max'"),
-            (_int(self.softmax_bits) and 2 <= self.softmax_bits <= 16, "softmax_bits must be an integer in 2..16"),
-            (_int(self.cali_st) and self.cali_st >= 1, "cali_st must be a positive integer"),
-            (_int(self.cali_n) and self.cali_n >= 1, "cali_n must be a positive integer"),
-            (_int(self.weight_iters) and self.weight_iters >= 0, "weight_iters must be an integer >= 0"),
-            (_int(self.act_iters) and self.act_iters >= 0, "act_iters must be an integer >= 0"),
-            (all(_int(v) and v >= 1 for v in (self.weight_batch, self.act_batch, self.act_init_n,
-                                              self.running_batch, self.micro_batch)),
-             "weight_batch, act_batch, act_init_n, running_batch and micro_batch must be positive integers"),
-            (all(_pos(v) for v in (self.weight_lr, self.act_lr, self.weight_p, self.act_p, self.max_cache_gb)),
-             "weight_lr, act_lr, weight_p, act_p and max_cache_gb must be positive finite numbers"),
-            (_pos(self.round_lambda) or self.round_lambda == 0, "round_lambda must be >= 0"),
-            (0 <= self.round_warmup < 1, "round_warmup must be in [0, 1)"),
-            (_pos(self.beta_end) and self.beta_start >= self.beta_end, "beta must decay: beta_start >= beta_end > 0"),
-            (0 < self.running_momentum < 1, "running_momentum must be in (0, 1)"),
-            (isinstance(self.cache_dir, str), "cache_dir must be a path string"),
-            (self.cache_dtype in ("float32", "float16"), "cache_dtype must be 'float32' or 'float16'"),
+    def checks(self):
+        return super().checks() + [
+            (is_int(self.act_iters) and self.act_iters >= 0, "act_iters must be an integer >= 0"),
+            (is_int(self.act_batch) and self.act_batch >= 1, "act_batch must be a positive integer"),
+            (is_pos(self.act_lr) and is_pos(self.act_p), "act_lr and act_p must be positive finite numbers"),
         ]
-        for ok, sentence in checks:
-            if not ok:
-                raise UserError(sentence + ".")
-
-
-def _int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _pos(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
 
 
 def preset_options(preset):
     """The Q-Diffusion defaults of a preset over the config's (plain options for make_config)."""
-    if preset not in PRESETS:
-        raise UserError(f"Q-Diffusion has no preset {preset!r}; known: {sorted(PRESETS)}.")
-    return dict(PRESETS[preset])
+    return preset_lookup(PRESETS, preset, "Q-Diffusion")
 
 
 @register_method("qdiffusion")

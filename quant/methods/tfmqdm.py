@@ -21,8 +21,9 @@ from functools import partial
 from ldm.util import UserError
 from quant import adaround
 from quant.activation import ActQuantizer, SoftmaxQuantizer, TemporalActQuantizer, TemporalSoftmaxQuantizer
-from quant.api import MethodHandler, QuantConfig, register_method
+from quant.api import MethodHandler, register_method
 from quant.layers import LayerSpec
+from quant.methods.ptq_config import PTQConfig, is_int, preset_lookup
 from quant.policy import rule
 
 FSC_VARIANTS = ("paper", "released", "off")
@@ -48,82 +49,33 @@ PRESETS = {
 }
 
 
-def _int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _pos(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
-
-
 @dataclass(frozen=True)
-class TFMQDMConfig(QuantConfig):
+class TFMQDMConfig(PTQConfig):
     method = "tfmqdm"
-    lora_rank: int = 0
-    quantize_attention_matmuls: bool = True
-    weight_init: str = "mse"            # per-channel weight scales during calibration
-    act_scale_method: str = "mse"       # FSC init of every set: "mse" | "max"
-    softmax_bits: int = 8
+    label = "TFMQ-DM"
     fsc: str = "paper"                  # per-step sets: "paper" (TIB only) | "released" (all) | "off" (none)
     tiar: bool = True                   # reconstruct the Temporal Information Block first, on its own
-    cali_st: int = 20                   # weight-calibration steps {0, s, 2s, ...} (TFMQ-DM's interval_length)
-    cali_n: int = 256                   # trajectories per weight-calibration step (x2 rows with guidance)
     fsc_n: int = 256                    # trajectories per step for FSC (every recorded step)
     tiar_iters: int = 20000
     tiar_batch: int = 32
-    weight_iters: int = 20000
-    weight_lr: float = 1e-3             # Adam lr of V (TIAR and blocks)
-    weight_batch: int = 32
-    weight_p: float = 2.0
-    round_lambda: float = 0.01
-    round_warmup: float = 0.2
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    act_init_n: int = 16                # rows of a set's init forward
-    running_batch: int = 16             # rows per EMA batch
-    running_momentum: float = 0.95
-    micro_batch: int = 8
-    max_cache_gb: float = 8.0
-    cache_dir: str = ""
-    cache_dtype: str = "float32"
+    act_init_n: int = 16                # FSC: rows of a set's MSE-init forward
+    running_batch: int = 16             # FSC: rows per EMA batch
 
-    def __post_init__(self):
-        super().__post_init__()
-        checks = [
-            (self.lora_rank == 0, "TFMQ-DM has no LoRA, so lora_rank must be 0"),
-            (not self.smoothing, "TFMQ-DM uses no smoothing"),
+    def checks(self):
+        return super().checks() + [
             (self.fsc in FSC_VARIANTS, f"fsc must be one of {', '.join(FSC_VARIANTS)}, got {self.fsc!r}"),
             (isinstance(self.tiar, bool), "tiar must be a boolean (on / off)"),
-            (self.act_scale_method in ("mse", "max"), "act_scale_method must be 'mse' or 'max'"),
-            (_int(self.softmax_bits) and 2 <= self.softmax_bits <= 16, "softmax_bits must be an integer in 2..16"),
             (self.fsc != "released" or self.softmax_bits <= 8,
              "the released FSC variant keeps per-step softmax sets of at most 8 bits, so softmax_bits must be <= 8"),
-            (all(_int(v) and v >= 1 for v in (self.cali_st, self.cali_n, self.fsc_n)),
-             "cali_st, cali_n and fsc_n must be positive integers"),
-            (all(_int(v) and v >= 0 for v in (self.weight_iters, self.tiar_iters)),
-             "weight_iters and tiar_iters must be integers >= 0"),
-            (all(_int(v) and v >= 1 for v in (self.weight_batch, self.tiar_batch, self.act_init_n,
-                                              self.running_batch, self.micro_batch)),
-             "weight_batch, tiar_batch, act_init_n, running_batch and micro_batch must be positive integers"),
-            (all(_pos(v) for v in (self.weight_lr, self.weight_p, self.max_cache_gb)),
-             "weight_lr, weight_p and max_cache_gb must be positive finite numbers"),
-            (_pos(self.round_lambda) or self.round_lambda == 0, "round_lambda must be >= 0"),
-            (0 <= self.round_warmup < 1, "round_warmup must be in [0, 1)"),
-            (_pos(self.beta_end) and self.beta_start >= self.beta_end, "beta must decay: beta_start >= beta_end > 0"),
-            (0 < self.running_momentum < 1, "running_momentum must be in (0, 1)"),
-            (isinstance(self.cache_dir, str), "cache_dir must be a path string"),
-            (self.cache_dtype in ("float32", "float16"), "cache_dtype must be 'float32' or 'float16'"),
+            (is_int(self.fsc_n) and self.fsc_n >= 1, "fsc_n must be a positive integer"),
+            (is_int(self.tiar_iters) and self.tiar_iters >= 0, "tiar_iters must be an integer >= 0"),
+            (is_int(self.tiar_batch) and self.tiar_batch >= 1, "tiar_batch must be a positive integer"),
         ]
-        for ok, sentence in checks:
-            if not ok:
-                raise UserError(sentence + ".")
 
 
 def preset_options(preset):
     """The TFMQ-DM defaults of a preset over the config's (plain options for make_config)."""
-    if preset not in PRESETS:
-        raise UserError(f"TFMQ-DM has no preset {preset!r}; known: {sorted(PRESETS)}.")
-    return dict(PRESETS[preset])
+    return preset_lookup(PRESETS, preset, "TFMQ-DM")
 
 
 def policy_rules(fsc, family):
