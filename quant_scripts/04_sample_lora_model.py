@@ -17,9 +17,9 @@ scripts/txt2img.py / scripts/sample_diffusion.py bit for bit.
 import os
 
 # _common first: it puts the repository root on sys.path
-from _common import (add_stage_flag, load_quantized_artifact, A_BITS, DDIM_ETA, MADE_BY, SEED, W_BITS, agree, artifact_path, build_student, check_ident,
-                     check_model_files, distinct, family, load_fp_model, model_config, parser,
-                     prepare_output, prepare_run_dir, schedule_for, skip_type, unet_skeleton)
+from _common import (A_BITS, DDIM_ETA, MADE_BY, SEED, W_BITS, add_stage_flag, agree, artifact_path, build_student,
+                     check_ident, check_model_files, distinct, family, load_fp_model, load_quantized_artifact,
+                     model_config, parser, prepare_output, prepare_run_dir, schedule_for, skip_type, unet_skeleton)
 from ldm import cli
 from ldm.util import UserError, cli_main
 

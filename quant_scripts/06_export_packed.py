@@ -13,8 +13,9 @@ cannot hold. The export therefore first rounds every z to the integer that moves
 import os
 
 # _common first: it puts the repository root on sys.path
-from _common import (add_stage_flag, load_quantized_artifact, A_BITS, MADE_BY, W_BITS, agree, artifact_path, build_student, check_ident, load_fp_model,
-                     model_config, parser, prepare_output, prepare_run_dir, unet_config)
+from _common import (A_BITS, MADE_BY, W_BITS, add_stage_flag, agree, artifact_path, build_student, check_ident,
+                     load_fp_model, load_quantized_artifact, model_config, parser, prepare_output, prepare_run_dir,
+                     unet_config)
 from ldm.util import UserError, cli_main, write_error
 
 

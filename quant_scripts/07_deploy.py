@@ -14,8 +14,8 @@ those layers: requantized per channel to the safe range (auto on such CPUs), kep
 import os
 
 # _common first: it puts the repository root on sys.path
-from _common import (add_stage_flag, load_quantized_artifact, PRESET_NAMES, artifact_path, build_student, class_info, load_fp_model,  # noqa: F401
-                     unet_config)
+from _common import (PRESET_NAMES, add_stage_flag, artifact_path, build_student, class_info, load_fp_model,  # noqa: F401
+                     load_quantized_artifact, unet_config)
 from ldm import cli
 from ldm.cli import ArgumentParser, positive_int
 from ldm.util import UserError, cli_main
