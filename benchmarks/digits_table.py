@@ -65,6 +65,9 @@ def ptq_rows(bits, method="qdiffusion", label="Q-Diffusion", suffix="", flags=()
 CALIBRATIONS = {
     "trajectory": [],
     "tfmqdm": ["--calib_data", "fresh_per_step", "--calib_steps", 20, "--calib_eta", 0.0, "--calib_scale", 3.0],
+    # EDA-DM (PEERS.md §2.1): N/B batches of fresh noise on the sampling schedule; TDAC takes one sample per
+    # trajectory, so the digits preset's N = 128 needs 8 batches of 16
+    "edadm": ["--calib_steps", 20, "--calib_eta", 0.0, "--calib_scale", 3.0, "--calib_batch", 16, "--calib_batches", 8],
 }
 
 PTQ_BITS = [(8, 8), (4, 8), (4, 4), (3, 4), (2, 4)]
@@ -73,7 +76,9 @@ QDIFFUSION_ROWS = ptq_rows(PTQ_BITS)
 # TFMQ-DM with per-step sets on the time-embedding block only (the paper) and on every quantizer (the released code)
 TFMQDM_ROWS = (ptq_rows(PTQ_BITS, "tfmqdm", "TFMQ-DM (FSC paper)", "-paper", ["--fsc", "paper"], "tfmqdm")
                + ptq_rows(PTQ_BITS, "tfmqdm", "TFMQ-DM (FSC released)", "-released", ["--fsc", "released"], "tfmqdm"))
-MAIN_ROWS = ([FP_ROW] + QDIFFUSION_ROWS + TFMQDM_ROWS + bit_rows([(4, 8), (4, 4), (3, 4), (2, 4)])
+# EDA-DM with its digits preset (TDAC over 128 trajectories, FBR with QDrop, the cin256-v2 lr / add_loss recipe)
+EDADM_ROWS = ptq_rows(PTQ_BITS, "edadm", "EDA-DM", calib="edadm")
+MAIN_ROWS = ([FP_ROW] + QDIFFUSION_ROWS + TFMQDM_ROWS + EDADM_ROWS + bit_rows([(4, 8), (4, 4), (3, 4), (2, 4)])
              + [MPQDM_PLUS_W2A4])
 _TFMQ_W4A8 = next(r for r in TFMQDM_ROWS if r["name"] == "tfmqdm-paper-w4a8")
 
@@ -99,6 +104,11 @@ ABLATION_ROWS = [
     *ptq_rows([(4, 8)], "tfmqdm", "TFMQ-DM, TIAR off (FSC paper)", "-abl-tiar-off",
               ["--fsc", "paper", "--tiar", "off"], "tfmqdm"),
     *ptq_rows([(4, 8)], "tfmqdm", "TFMQ-DM, FSC off (TIAR on)", "-abl-fsc-off", ["--fsc", "off"], "tfmqdm"),
+    # EDA-DM's components one at a time, against its full W4A8 row
+    next(r for r in EDADM_ROWS if r["name"] == "edadm-w4a8"),
+    *ptq_rows([(4, 8)], "edadm", "EDA-DM, TDAC off (uniform steps)", "-abl-tdac-off", ["--tdac", "off"], "edadm"),
+    *ptq_rows([(4, 8)], "edadm", "EDA-DM, FBR layer loss off", "-abl-layer-loss-off", ["--add_loss", 0], "edadm"),
+    *ptq_rows([(4, 8)], "edadm", "EDA-DM, QDrop off", "-abl-qdrop-off", ["--qdrop", 0], "edadm"),
 ]
 
 _BY_NAME = {r["name"]: r for r in MAIN_ROWS + ABLATION_ROWS}
@@ -112,8 +122,8 @@ TEXT_PROMPTS = 20  # the digits-heldout prompt set: 2 phrasings x 10 digits
 PIXEL_ROWS = [FP_ROW] + bit_rows([(8, 8), (4, 8), (4, 4), (2, 4)])
 
 PROFILES = {
-    # the results table: about an hour on 2 CPU cores with --jobs 2 (15 fine-tuning runs of 800 iterations, 17
-    # post-training runs of 1-4 minutes each)
+    # the results table: over an hour on 2 CPU cores with --jobs 2 (15 fine-tuning runs of 800 iterations, 25
+    # post-training runs of 1-5 minutes each)
     "full": dict(rows=MAIN_ROWS, ablation=ABLATION_ROWS, epochs=40, n_samples=1000, out_dir="runs/digits_table",
                  md="results/digits.md", json="results/digits.json"),
     # make demo: the digits preset's 16-epoch budget (320 iterations), a few minutes
@@ -315,6 +325,19 @@ def main(argv=None):
                      "inputs (FSC paper) or on every activation quantizer (FSC released), one set elsewhere; no "
                      "activation-delta learning; FP: the input and output convs, time_embed.0 and the skip / "
                      "downsample convs; attention matmuls quantized; their seconds are 02's wall time.")
+    if any(r["method"] == "edadm" for r in rows):
+        from quant.methods.edadm import preset_options as eda_options
+        e = eda_options(args.preset, w_bits=4, a_bits=8)
+        settings += (f" EDA-DM rows (stage ptq, 02 --method edadm with the {args.preset} preset's options and the row's "
+                     "flags) calibrate on their own trajectories (01 " + " ".join(map(str, CALIBRATIONS["edadm"]))
+                     + f"): TDAC picks how many of N = {e['tdac_n']} trajectories (one sample each, x2 rows with "
+                     f"guidance) come from each of the 20 steps (r {e['tdac_radius']}, lambda {e['tdac_lambda']}; "
+                     "'TDAC off': the same count per step); range-search inits, activation init by EMA over all rows; "
+                     f"then FBR, {e['weight_iters']} iterations per block: AdaRound and activation delta learned "
+                     f"jointly (lr_w / lr_a {e['weight_lr']:g} / {e['act_lr']:g} at W<8, the W8A8 recipe's at W8A8), "
+                     f"block loss + {e['add_loss']:g} x layer losses, QDrop 0.5; W8 time_embed.0 and output conv, "
+                     "output-conv input FP, 8-bit activations at the second-to-last layer; their seconds are 02's "
+                     "wall time.")
     full = PROFILES["text" if args.profile == "demo-text" else "full"]
     md = [f"# Digits results ({args.profile} profile)", "", "Command:", "", "```", command, "```", "",
           f"Settings: {settings}", "",

@@ -6,7 +6,7 @@ calibrated scalar copied into every entry) it works without a step index; once f
 diverge (``shared`` cleared) a step index from ``quant.step.step_scope`` is required.
 
 Options fixed at construction (they come from the layer policy, so ``build_from_meta`` re-creates them):
-``symmetric`` (signed grid, z fixed at 2^(b-1); see quant.quantizer) and ``scale_method`` ("mse" | "max") of
+``symmetric`` (signed grid, z fixed at 2^(b-1); see quant.quantizer) and ``scale_method`` ("mse" | "max" | "search") of
 ``calibrate``. ``SoftmaxQuantizer`` is the unsigned attention-probability quantizer: z = 0, Δ = max/(2^b - 1),
 up to 16 bits; ``TemporalSoftmaxQuantizer`` is its per-step form (TFMQ-DM's released FSC, up to 8 bits).
 ``set_range(lo, hi)`` sets (Δ, z) from a tracked range (running statistics).
@@ -14,10 +14,10 @@ up to 16 bits; ``TemporalSoftmaxQuantizer`` is its per-step form (TFMQ-DM's rele
 import torch
 from torch import nn
 
-from quant.quantizer import fake_quant, init_max, init_mse, range_qparams
+from quant.quantizer import fake_quant, init_max, init_mse, init_search, range_qparams
 from quant.step import current_step
 
-SCALE_METHODS = ("mse", "max")
+SCALE_METHODS = ("mse", "max", "search")  # search: EDA-DM's range search (quant.quantizer.search_range)
 
 
 def _check_bits(n_bits, high=8):
@@ -28,6 +28,8 @@ def _check_bits(n_bits, high=8):
 def _init(x, n_bits, symmetric, scale_method):
     if scale_method not in SCALE_METHODS:
         raise ValueError(f"unknown scale method {scale_method!r}")
+    if scale_method == "search":       # an affine grid on a searched range (symmetric changes nothing here)
+        return init_search(x, n_bits)
     return (init_mse if scale_method == "mse" else init_max)(x, n_bits, symmetric=symmetric)
 
 

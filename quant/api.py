@@ -56,7 +56,8 @@ class QuantConfig:
         need(self.lora_rank >= 0, f"lora_rank must be >= 0, got {self.lora_rank}.")
         need(self.conv_lora in ("per_position", "shared_b"),
              f"conv_lora must be 'per_position' or 'shared_b', got {self.conv_lora!r}.")
-        need(self.weight_init in ("mse", "max"), f"weight_init must be 'mse' or 'max', got {self.weight_init!r}.")
+        need(self.weight_init in ("mse", "max", "search"),
+             f"weight_init must be 'mse', 'max' or 'search', got {self.weight_init!r}.")
         need(0.0 < self.smoothing_alpha < 1.0, f"smoothing_alpha must be in (0, 1), got {self.smoothing_alpha}.")
 
 
@@ -76,6 +77,15 @@ class MethodHandler:
         if family not in MPQDM_RULES:
             raise UserError(f"method {config.method!r} has no layer policy for {family} models.")
         return MPQDM_RULES[family]
+
+    def policy_for(self, config, family, unet):
+        """The rules ``quantize_`` applies to this UNet; a method whose policy names model-dependent layers (EDA-DM:
+        the second-to-last layer) overrides this. The artifact records the result, so loading needs no model."""
+        return self.policy_rules(config, family)
+
+    def preset_options(self, preset, **context):
+        """A post-training method's defaults for a model preset (context: w_bits, a_bits, release)."""
+        raise UserError(f"method {self.config_class.method!r} has no per-preset reconstruction defaults.")
 
     def matmul_quantizers(self, config, kind, n_steps):
         """The two input quantizers of an attention matmul (kind "qk" or "av"): temporal, a_bits."""
@@ -102,7 +112,8 @@ def register_method(name):
 
 
 def _ensure_methods_loaded():
-    import quant.methods.efficientdm  # noqa: F401  (registration side effect)
+    import quant.methods.edadm  # noqa: F401  (registration side effect)
+    import quant.methods.efficientdm  # noqa: F401
     import quant.methods.mpqdm  # noqa: F401
     import quant.methods.qdiffusion  # noqa: F401
     import quant.methods.tfmqdm  # noqa: F401
@@ -196,7 +207,7 @@ def quantize_(unet, config, timesteps, policy=None):
     generator = torch.Generator(device="cpu").manual_seed(config.seed)  # LoRA A is drawn on the CPU, then moved
     if policy is None:
         family = model_family(unet)
-        policy = {"family": family, "rules": handler.policy_rules(config, family)}
+        policy = {"family": family, "rules": handler.policy_for(config, family, unet)}
     policy = {"family": policy["family"], "rules": [dict(r) for r in policy["rules"]]}
     for name, fields in resolve(unet, policy["rules"], policy["family"]).items():
         if fields is None:

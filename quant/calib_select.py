@@ -22,8 +22,9 @@ def selected_steps(n_steps, cali_st):
     return [i * s for i in range(cali_st)]
 
 
-def selected_rows(meta, cali_st, cali_n):
-    """(row indices into calib.pt, step index of each row), ordered by step, uncond rows before cond rows."""
+def trajectory_layout(meta):
+    """How calib.pt's rows are laid out: {"n_steps" (per run), "rows_per_entry", "calib_batch", "calib_batches",
+    "paired" (uncond + cond rows per entry)}; a UserError for a file that does not add up."""
     missing = [k for k in _NEEDED if k not in meta]
     if missing:
         raise UserError(f"calib.pt has no {missing[0]!r} in its meta; re-record it with "
@@ -38,7 +39,15 @@ def selected_rows(meta, cali_st, cali_n):
     if per_entry not in (batch, 2 * batch):
         raise UserError(f"calib.pt holds {meta['n_entries']} entries of {per_entry} rows, which is not "
                         f"{batches} runs of {n_steps} steps with {batch} trajectories; re-record it.")
-    paired = per_entry == 2 * batch
+    return {"n_steps": n_steps, "rows_per_entry": per_entry, "calib_batch": batch, "calib_batches": batches,
+            "paired": per_entry == 2 * batch}
+
+
+def selected_rows(meta, cali_st, cali_n):
+    """(row indices into calib.pt, step index of each row), ordered by step, uncond rows before cond rows."""
+    layout = trajectory_layout(meta)
+    n_steps, per_entry, paired = layout["n_steps"], layout["rows_per_entry"], layout["paired"]
+    batch, batches = layout["calib_batch"], layout["calib_batches"]
     if not 1 <= cali_n <= batch * batches:
         raise UserError(f"cali_n must be between 1 and the {batch * batches} recorded trajectories, got {cali_n}; "
                         "record more with quant_scripts/01_collect_input_4_calib.py --calib_batch/--calib_batches.")
@@ -57,14 +66,18 @@ def selected_rows(meta, cali_st, cali_n):
     return torch.tensor(rows, dtype=torch.long), torch.tensor(steps, dtype=torch.long)
 
 
-def select_calibration(calib, cali_st, cali_n):
-    """{"x", "t", "context" (or None), "step"} of the selected rows of a loaded calib.pt artifact."""
-    meta = calib["meta"]
-    rows, steps = selected_rows(meta, cali_st, cali_n)
-    n = int(calib["t"].shape[0])
+def check_row_count(calib):
+    """calib.pt holds as many rows as its meta announces."""
+    meta, n = calib["meta"], int(calib["t"].shape[0])
     if n != int(meta["n_entries"]) * int(meta["rows_per_entry"]):
         raise UserError(f"calib.pt holds {n} rows but its meta announces "
                         f"{meta['n_entries']} x {meta['rows_per_entry']}; re-record it.")
+
+
+def select_calibration(calib, cali_st, cali_n):
+    """{"x", "t", "context" (or None), "step"} of the selected rows of a loaded calib.pt artifact."""
+    rows, steps = selected_rows(calib["meta"], cali_st, cali_n)
+    check_row_count(calib)
     context = calib.get("context")
     return {"x": calib["x"][rows], "t": calib["t"][rows],
             "context": None if context is None else context[rows], "step": steps}

@@ -122,6 +122,11 @@ def _matches(r, name, module):
     return fnmatch.fnmatchcase(name, r["match"])
 
 
+def first_rule(rules, name, module):
+    """The rule that decides ``module`` (named ``name``): the first that matches, or None."""
+    return next((r for r in rules if isinstance(module, CANDIDATES) and _matches(r, name, module)), None)
+
+
 def resolve(model: nn.Module, rules, family=None):
     """OrderedDict name -> fields of the first matching rule (None: FP) over every candidate layer, in module
     order; ``"split": True`` is replaced by the layer's split index. UserError when a required rule is unmet."""
@@ -131,7 +136,7 @@ def resolve(model: nn.Module, rules, family=None):
     for name, m in modules.items():
         if not name or not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             continue
-        hit = next((r for r in rules if isinstance(m, CANDIDATES) and _matches(r, name, m)), None)
+        hit = first_rule(rules, name, m)
         fields = None if hit is None or hit["set"].get("fp") else dict(hit["set"])
         if fields is not None and fields.get("split"):
             points = split_points(model, family) if points is None else points

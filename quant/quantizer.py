@@ -179,6 +179,53 @@ def init_mse(x, n_bits, per_channel=False, symmetric=False):
     return _shape_out(best_delta, x, per_channel), _shape_out(best_zero, x, per_channel)
 
 
+SEARCH_CANDIDATES = 100  # thresholds of EDA-DM's range search
+
+
+def search_range(x, n_bits, per_channel=False):
+    """EDA-DM's (QDrop-style) "symmetric" range search (PEERS.md §2.2): thresholds thr_i = i·max(|min|, max)/100,
+    i = 1..100, on the range [0, thr] for a one-sided slice (min >= 0) and [-thr, thr] otherwise; each candidate is
+    scored by mean |x - x̂|^2.4 on its grid Δ = (hi - lo)/(2^n - 1), z = clamp(-round(lo/Δ), 0, 2^n - 1), the first
+    minimum wins. Only the search is symmetric: the grid stays affine. Returns (lo, hi): scalars, or (C,) per
+    channel; n_bits may be (C,). [T: the released asymmetric 2-D search (range size x zero-point shift) is not
+    built; every EDA-DM recipe uses the symmetric one.]"""
+    rows = _rows(x, per_channel)
+    hi_level = _levels_col(n_bits, rows.shape[0], rows) - 1
+    x_min, x_max = rows.amin(dim=1, keepdim=True), rows.amax(dim=1, keepdim=True)
+    one_sided = x_min >= 0
+    top = torch.maximum(x_min.abs(), x_max)
+    best_score = torch.full_like(x_min, float("inf"))
+    best_lo, best_hi = torch.zeros_like(x_min), top.clone()
+    zero_t = torch.zeros((), dtype=rows.dtype, device=rows.device)
+    for i in range(1, SEARCH_CANDIDATES + 1):
+        thr = top * (i / SEARCH_CANDIDATES)
+        lo = torch.where(one_sided, torch.zeros_like(thr), -thr)
+        delta = ((thr - lo) / hi_level).clamp(min=DELTA_FLOOR)
+        zero = torch.minimum(torch.round(-lo / delta).clamp(min=0), hi_level)
+        q = torch.round(rows / delta).add_(zero).clamp_(min=zero_t, max=hi_level).sub_(zero).mul_(delta)
+        score = q.sub_(rows).abs_().pow_(MSE_P).mean(dim=1, keepdim=True)
+        better = score < best_score
+        best_score = torch.where(better, score, best_score)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, thr, best_hi)
+    return _shape_out(best_lo, x, per_channel), _shape_out(best_hi, x, per_channel)
+
+
+def search_qparams(lo, hi_value, n_bits):
+    """(Δ, z) of EDA-DM's grid on a range [lo, hi]: Δ = (hi - lo)/(2^n - 1) (floored at 1e-8),
+    z = clamp(-round(lo/Δ), 0, 2^n - 1); lo, hi and n_bits broadcast (per channel or scalars)."""
+    hi_level = torch.as_tensor(2.0, dtype=torch.float32).pow(torch.as_tensor(n_bits, dtype=torch.float32)) - 1
+    lo, hi_value = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi_value, dtype=torch.float32)
+    hi_level = hi_level.to(lo.device)
+    delta = ((hi_value - lo) / hi_level).clamp(min=DELTA_FLOOR)
+    return delta, torch.minimum(torch.round(-lo / delta).clamp(min=0), hi_level)
+
+
+def init_search(x, n_bits, per_channel=False):
+    """`search` init (EDA-DM's weights, and one batch of its activations): (Δ, z) of ``search_range``."""
+    lo, hi_value = search_range(x, n_bits, per_channel)
+    return search_qparams(lo, hi_value, n_bits)
+
+
 def range_qparams(lo, hi_value, n_bits, symmetric=False, unsigned=False):
     """(Δ, z) of a per-tensor quantizer from a tracked range [lo, hi] (running statistics, PEERS.md §1.1):
     asymmetric Δ = (hi - lo)/(2^n - 1), z = round(-lo/Δ); symmetric Δ = max(|lo|, |hi|)/L', z = 2^(n-1);

@@ -9,10 +9,12 @@ Every family: LDM tuples carry their context (class embeddings, or [77 x d] text
 recorded); the pixel family's have none. The per-step activation quantizers get one scale per DISTINCT timestep of
 the --train_steps schedule (quant.step: the pixel family's quad-100 has 96, its repeated values share one).
 
-Post-training methods (--method qdiffusion, tfmqdm) instead select cali_st steps x cali_n trajectories of calib.pt
-and run the streamed block reconstruction (Q-Diffusion: AdaRound weights, then activation Δ; TFMQ-DM: TIAR on the
-time-embedding block, AdaRound on the rest, then per-step activation sets by FSC on every recorded step, which must
-be the --train_steps schedule's: record calib.pt with 01 --calib_data fresh_per_step on it); the result in naive.pt
+Post-training methods (--method qdiffusion, tfmqdm, edadm) instead select calibration rows of calib.pt and run the
+streamed block reconstruction (Q-Diffusion: cali_st steps x cali_n trajectories, AdaRound weights, then activation Δ;
+TFMQ-DM: the same rows, TIAR on the time-embedding block, AdaRound on the rest, then per-step activation sets by FSC
+on every recorded step, which must be the --train_steps schedule's: record calib.pt with 01 --calib_data
+fresh_per_step on it; EDA-DM: TDAC picks how many of --tdac_n trajectories each step contributes, then FBR learns
+rounding and activation Δ jointly per block with QDrop and layer losses); the result in naive.pt
 is complete and goes straight to 04 (03 refuses it). The reconstruction resumes per block after a kill
 (run_dir/recon/); its cache stays within --max_cache_gb in memory and spills to --cache_dir.
 """
@@ -82,11 +84,20 @@ PTQ_CONSTANTS = {
     "tiar": "on",            # reconstruct the time-embedding block on its own first (off: BRECQ-style, the ablation)
     "tiar_iters": 20000,     # AdaRound iterations of TIAR
     "tiar_batch": 32,
+    # EDA-DM's own (PEERS.md §2; its presets set weight_iters, weight_lr (lr_w), act_lr (lr_a), running_batch and
+    # running_momentum (the activation init's EMA batches, 0.9) and the range-search inits per task and precision)
+    "tdac": "on",            # TDAC sample selection (off: the same number of samples from every step)
+    "tdac_n": 1024,          # N calibration samples, one per recorded trajectory
+    "tdac_lambda": 1.2,      # variety weight against density
+    "tdac_radius": 3.0,      # density radius r (ImageNet, CIFAR-10 3.0; LSUN, SD 0.3)
+    "add_loss": 0.8,         # FBR: weight of the layer losses (0: block loss only)
+    "qdrop": 0.5,            # QDrop drop probability on activations and block inputs (0: off)
+    "release": "2025",       # whose recipe the preset defaults follow: the 2025 scripts or the 2024 release
 }
-SWITCHES = ("act_symmetric", "running_stat", "split", "tiar")  # on/off flags -> booleans of the config
+SWITCHES = ("act_symmetric", "running_stat", "split", "tiar", "tdac")  # on/off flags -> booleans of the config
 
 
-PTQ_METHODS = ("qdiffusion", "tfmqdm")
+PTQ_METHODS = ("qdiffusion", "tfmqdm", "edadm")
 METHODS = ("efficientdm", "mpqdm", "mpqdm+") + PTQ_METHODS
 
 
@@ -94,7 +105,7 @@ def build_parser():
     p = parser(__doc__, {**CONSTANTS, **PTQ_CONSTANTS}, "naive")
     p.add_argument("--method", choices=METHODS,
                    help="quantization method: efficientdm, mpqdm, mpqdm+ (fine-tuned next by 03) or qdiffusion, "
-                        "tfmqdm (post-training: reconstructed here, sampled directly by 04)")
+                        "tfmqdm, edadm (post-training: reconstructed here, sampled directly by 04)")
     p.add_argument("--n_bits_w", type=W_BITS,
                    help="weight bits b, 2..8 (MPQ-DM mixes b-1, b, b+1 per channel, so 2..7 there)")
     p.add_argument("--n_bits_a", type=A_BITS, help="activation bits (2..8)")
@@ -140,7 +151,8 @@ def build_parser():
     q.add_argument("--act_lr", type=cli.positive_float, help="Adam lr of the activation Δ (cosine to 0)")
     q.add_argument("--act_batch", type=cli.positive_int, help="rows per activation-stage iteration")
     q.add_argument("--act_p", type=cli.positive_float, help="exponent p of the activation stage's loss")
-    q.add_argument("--act_scale_method", choices=["mse", "max"], help="activation init: mse search or min-max")
+    q.add_argument("--act_scale_method", choices=["mse", "max", "search"],
+                   help="activation init: mse search, min-max, or EDA-DM's range search")
     q.add_argument("--act_symmetric", choices=["on", "off"], help="signed activation grid [-2^(b-1), 2^(b-1)-1]")
     q.add_argument("--running_stat", choices=["on", "off"],
                    help="after the init, an EMA of activation ranges over all calibration rows (LSUN beds, SD)")
@@ -151,7 +163,8 @@ def build_parser():
                    help="shortcut-split quantization of the decoder skip 1x1 convs (two quantizer pairs)")
     q.add_argument("--softmax_bits", type=cli.int_in(2, 16),
                    help="bits of the unsigned softmax quantizer (16: excluded from Δ learning)")
-    q.add_argument("--weight_init", choices=["mse", "max"], help="per-channel weight scale init (LDM mse, CIFAR max)")
+    q.add_argument("--weight_init", choices=["mse", "max", "search"],
+                   help="per-channel weight scale init (Q-Diffusion: LDM mse, CIFAR max; EDA-DM: range search)")
     q.add_argument("--micro_batch", type=cli.positive_int, help="rows per caching forward of a block's inputs")
     q.add_argument("--max_cache_gb", type=cli.positive_float,
                    help="memory budget (GiB) of one block's cached inputs and targets; beyond it they go to disk")
@@ -168,6 +181,27 @@ def build_parser():
                    help="time-embedding-aware reconstruction of the Temporal Information Block before the blocks")
     f.add_argument("--tiar_iters", type=cli.nonneg_int, help="AdaRound iterations of TIAR")
     f.add_argument("--tiar_batch", type=cli.positive_int, help="rows per TIAR iteration")
+    e = p.add_argument_group("EDA-DM only (edadm; PEERS.md §2): TDAC selection, FBR with QDrop; weight_iters, "
+                             "weight_lr, weight_batch, act_lr and running_batch/running_momentum apply to it as lr_w, "
+                             "lr_a and the activation init's EMA; record its trajectories with 01 on the sampling "
+                             "schedule (cin256-v2: --calib_steps 20 --calib_eta 0 --calib_scale 3.0 --calib_batch 64 "
+                             "--calib_batches 16)")
+    e.add_argument("--tdac", choices=["on", "off"],
+                   help="TDAC: samples per step from the density and variety of the middle-attention features "
+                        "(off: the same number from every step)")
+    e.add_argument("--tdac_n", type=cli.positive_int,
+                   help="N calibration samples, one per recorded trajectory (x2 rows with guidance)")
+    e.add_argument("--tdac_lambda", type=cli.nonneg_float, help="TDAC's weight of variety against density")
+    e.add_argument("--tdac_radius", type=cli.positive_float,
+                   help="TDAC's density radius r on the mean squared distance of the features")
+    e.add_argument("--add_loss", type=cli.nonneg_float,
+                   help="FBR: weight of the per-layer losses added to the block loss (0: block loss only)")
+    e.add_argument("--qdrop", type=cli.float_in(0.0, 1.0),
+                   help="QDrop: probability that an activation element (and a block input element) is taken from "
+                        "the FP path during reconstruction, in [0, 1) (0: off)")
+    e.add_argument("--release", choices=["2025", "2024"],
+                   help="preset defaults of the 2025 scripts or of the 2024 release (bedrooms, ImageNet, SD differ "
+                        "in tdac_lambda and add_loss)")
     q.add_argument("--restart", action="store_true",
                    help="discard the resume state of a killed reconstruction in run_dir (and its cache) and start "
                         "over; without it a killed run continues from its last finished block")
@@ -182,14 +216,16 @@ def ptq_fields(method):
     """The PTQ_CONSTANTS options that ``method``'s config has (the others do not apply to it)."""
     from quant.api import get_method
 
-    return set(PTQ_CONSTANTS) & set(get_method(method)[0].__dataclass_fields__)
+    config_class = get_method(method)[0]
+    return (set(PTQ_CONSTANTS) & set(config_class.__dataclass_fields__)) - set(config_class.unused)
 
 
 def resolve_ptq(args, given):
     """Post-training options: explicit flag > the method's preset (quant/methods/<method>.py) > PTQ_CONSTANTS."""
     from quant.api import get_method
 
-    preset = get_method(args.method)[1].preset_options(args.preset)
+    preset = get_method(args.method)[1].preset_options(args.preset, w_bits=args.n_bits_w, a_bits=args.n_bits_a,
+                                                        release=args.release or PTQ_CONSTANTS["release"])
     opts = {}
     for name in sorted(ptq_fields(args.method)):
         value = getattr(args, name) if name in given else preset.get(name, PTQ_CONSTANTS[name])
@@ -328,9 +364,10 @@ def reconstruct(args, config, calib, model, timesteps):
     start = time.perf_counter()
     qunet = run_ptq(model.model.diffusion_model, config, calib, args.run_dir, timesteps, progress=not args.no_progress)
     log = qunet.ptq_log
+    extra = {"calib_selection": log["selection"]} if "selection" in log else {}   # EDA-DM: TDAC's weights, counts
     return qunet, {"n_calib_rows": int(log.get("rows", 0)), "ptq_seconds": time.perf_counter() - start,
                    "ptq_times": log.get("times", {}), "trd_mode": "off",
-                   "calib_data": calib["meta"].get("calib_data", "trajectory")}
+                   "calib_data": calib["meta"].get("calib_data", "trajectory"), **extra}
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ldm.util import UserError
+from quant.activation import ActQuantizer, SoftmaxQuantizer
 from quant.api import QuantConfig
+from quant.layers import LayerSpec
 
 
 def is_int(v):
@@ -18,6 +20,7 @@ def is_pos(v):
 @dataclass(frozen=True)
 class PTQConfig(QuantConfig):
     label: ClassVar[str] = ""           # the method's name in error sentences
+    unused: ClassVar[tuple] = ()        # shared options the method ignores (quant_scripts/02 refuses them)
     lora_rank: int = 0
     quantize_attention_matmuls: bool = True
     weight_init: str = "mse"            # per-channel weight scales: "mse" (LDM, SD) | "max" (CIFAR)
@@ -46,7 +49,7 @@ class PTQConfig(QuantConfig):
         return [
             (self.lora_rank == 0, f"{self.label} has no LoRA, so lora_rank must be 0"),
             (not self.smoothing, f"{self.label} uses no smoothing"),
-            (self.act_scale_method in ("mse", "max"), "act_scale_method must be 'mse' or 'max'"),
+            (self.act_scale_method in ("mse", "max", "search"), "act_scale_method must be 'mse', 'max' or 'search'"),
             (is_int(self.softmax_bits) and 2 <= self.softmax_bits <= 16, "softmax_bits must be an integer in 2..16"),
             (is_int(self.cali_st) and self.cali_st >= 1, "cali_st must be a positive integer"),
             (is_int(self.cali_n) and self.cali_n >= 1, "cali_n must be a positive integer"),
@@ -76,3 +79,18 @@ def preset_lookup(presets, preset, label):
     if preset not in presets:
         raise UserError(f"{label} has no preset {preset!r}; known: {sorted(presets)}.")
     return dict(presets[preset])
+
+
+def ptq_layer_spec(config, role, n_steps=1, act_symmetric=False):
+    """The default layer of a post-training method: AdaRound weights, no LoRA or smoothing, one activation set (a
+    policy rule may still ask for per-step sets); ``n_steps`` sizes the per-step sets where a rule asks for them."""
+    return LayerSpec(role=role, w_bits=config.w_bits, a_bits=config.a_bits, n_steps=n_steps, lora_rank=0,
+                     smoothing=False, int_weight=False, act_per_step=False, act_symmetric=act_symmetric,
+                     act_scale_method=config.act_scale_method, rounding="adaround")
+
+
+def one_set_matmul_quantizers(config, kind, symmetric=False):
+    """Attention-matmul input quantizers with one set for all steps: q and k, or the unsigned softmax and v."""
+    def act():
+        return ActQuantizer(config.a_bits, symmetric, config.act_scale_method)
+    return [act(), act()] if kind == "qk" else [SoftmaxQuantizer(config.softmax_bits), act()]

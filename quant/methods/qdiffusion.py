@@ -14,10 +14,9 @@ from functools import partial
 
 from ldm.util import UserError
 from quant import adaround
-from quant.activation import ActQuantizer, SoftmaxQuantizer
 from quant.api import MethodHandler, register_method
-from quant.layers import LayerSpec
-from quant.methods.ptq_config import PTQConfig, is_int, is_pos, preset_lookup
+from quant.methods.ptq_config import (PTQConfig, is_int, is_pos, one_set_matmul_quantizers, preset_lookup,
+                                      ptq_layer_spec)
 from quant.policy import rule
 
 # Split rules per family: the decoder blocks' skip 1x1 convs (PEERS.md §1.5).
@@ -76,20 +75,16 @@ class QDiffusion(MethodHandler):
     training = "ptq"
 
     def layer_spec(self, config, role, n_steps):
-        return LayerSpec(role=role, w_bits=config.w_bits, a_bits=config.a_bits, n_steps=1, lora_rank=0,
-                         smoothing=False, int_weight=False, act_per_step=False, act_symmetric=config.act_symmetric,
-                         act_scale_method=config.act_scale_method, rounding="adaround")
+        return ptq_layer_spec(config, role, act_symmetric=config.act_symmetric)
 
     def policy_rules(self, config, family):
         split = [rule(SPLIT_LAYERS[family], split=True)] if config.split else []
         return split + [rule("*")]      # nothing FP (PEERS.md §1.3)
 
     def matmul_quantizers(self, config, kind, n_steps):
-        def act():
-            return ActQuantizer(config.a_bits, config.act_symmetric, config.act_scale_method)
-        return [act(), act()] if kind == "qk" else [SoftmaxQuantizer(config.softmax_bits), act()]
+        return one_set_matmul_quantizers(config, kind, config.act_symmetric)
 
-    def preset_options(self, preset):
+    def preset_options(self, preset, **_):
         return preset_options(preset)
 
     def init_weights(self, layer, x, config):

@@ -20,10 +20,9 @@ from functools import partial
 
 from ldm.util import UserError
 from quant import adaround
-from quant.activation import ActQuantizer, SoftmaxQuantizer, TemporalActQuantizer, TemporalSoftmaxQuantizer
+from quant.activation import TemporalActQuantizer, TemporalSoftmaxQuantizer
 from quant.api import MethodHandler, register_method
-from quant.layers import LayerSpec
-from quant.methods.ptq_config import PTQConfig, is_int, preset_lookup
+from quant.methods.ptq_config import PTQConfig, is_int, one_set_matmul_quantizers, preset_lookup, ptq_layer_spec
 from quant.policy import rule
 
 FSC_VARIANTS = ("paper", "released", "off")
@@ -102,25 +101,20 @@ class TFMQDM(MethodHandler):
     training = "ptq"
 
     def layer_spec(self, config, role, n_steps):
-        return LayerSpec(role=role, w_bits=config.w_bits, a_bits=config.a_bits, n_steps=n_steps, lora_rank=0,
-                         smoothing=False, int_weight=False, act_per_step=False, act_symmetric=False,
-                         act_scale_method=config.act_scale_method, rounding="adaround")
+        return ptq_layer_spec(config, role, n_steps)
 
     def policy_rules(self, config, family):
         return policy_rules(config.fsc, family)
 
     def matmul_quantizers(self, config, kind, n_steps):
-        if config.fsc == "released":
-            def act():
-                return TemporalActQuantizer(config.a_bits, n_steps, False, config.act_scale_method)
-            softmax = TemporalSoftmaxQuantizer(config.softmax_bits, n_steps)
-        else:
-            def act():
-                return ActQuantizer(config.a_bits, False, config.act_scale_method)
-            softmax = SoftmaxQuantizer(config.softmax_bits)
-        return [act(), act()] if kind == "qk" else [softmax, act()]
+        if config.fsc != "released":
+            return one_set_matmul_quantizers(config, kind)
 
-    def preset_options(self, preset):
+        def act():
+            return TemporalActQuantizer(config.a_bits, n_steps, False, config.act_scale_method)
+        return [act(), act()] if kind == "qk" else [TemporalSoftmaxQuantizer(config.softmax_bits, n_steps), act()]
+
+    def preset_options(self, preset, **_):
         return preset_options(preset)
 
     def init_weights(self, layer, x, config):

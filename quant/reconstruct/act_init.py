@@ -6,7 +6,8 @@ reached (``mse`` or ``max``, as built by the policy), so downstream quantizers s
 ``running_stats``: then an EMA (momentum 0.95) of each quantizer's input min/max over all calibration rows in
 batches, seeded with the init batch's range; (Δ, z) are recomputed from the EMA range after every batch (min-max),
 so later layers see the updated upstream quantizers, as in Q-Diffusion. Hooks sit on the quantizer modules and are
-removed on exit; nothing is created lazily.
+removed on exit; nothing is created lazily. ``search_ema_init`` is EDA-DM's: per batch, each quantizer's range-search
+range is EMA-combined (0.9) and its (Δ, z) follow at once.
 """
 import contextlib
 
@@ -75,4 +76,38 @@ def running_stats(model, rows, ranges, batch_size, momentum, seed, device):
     with quant_state(model, act=True), _pre_hooks(list(state), update):
         for idx in rows.micro_batches(batch_size, seed):
             _run(model, rows, idx, device)
+    return state
+
+
+@torch.no_grad()
+def search_ema_init(model, rows, batch_size, momentum, seed, device):
+    """EDA-DM's activation init (PEERS.md §2.2): per batch of ``batch_size`` rows (all rows, one seeded pass), each
+    quantizer's range from the range search on its input is EMA-combined, running = momentum·running +
+    (1 - momentum)·batch (the first batch sets it), and (Δ, z) follow from the running range at once, so later
+    quantizers see the updated upstream ones. Returns {quantizer: (lo, hi)}."""
+    from quant.activation import SoftmaxQuantizer
+    from quant.quantizer import search_qparams, search_range
+
+    quantizers = _act_quantizers(model)
+    state = {}
+
+    def update(q, x):
+        lo, hi = search_range(x, q.n_bits)
+        if q in state:
+            lo = momentum * state[q][0] + (1 - momentum) * lo
+            hi = momentum * state[q][1] + (1 - momentum) * hi
+        state[q] = (lo, hi)
+        if isinstance(q, SoftmaxQuantizer):
+            q.set_range(0.0, hi)
+        else:
+            delta, zero = search_qparams(lo, hi, q.n_bits)
+            q.delta.copy_(delta)
+            q.zero.copy_(zero)
+
+    with quant_state(model, act=True), _pre_hooks(quantizers, update):
+        for idx in rows.micro_batches(batch_size, seed):
+            _run(model, rows, idx, device)
+    missing = [q for q in quantizers if q not in state]
+    if missing:
+        raise RuntimeError(f"{len(missing)} activation quantizers were not reached by the calibration forwards")
     return state

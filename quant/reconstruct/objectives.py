@@ -9,11 +9,11 @@
   source of the cached batches ("quantized": the partially quantized model's inputs, the asymmetric target of the
   weight stage; "fp": the FP model's inputs) and whether activations are quantized.
 
-Extension points for the peers, each a new object rather than an edit of the loop: EDA-DM's block + add_loss·Σ
-layer losses from a second forward (override ``loss``: ctx carries module, fp_module, args, output), QDrop (override
-``unit_inputs`` to mix ``batch["q"]`` and ``batch["fp"]``, and ``active`` to add hooks that mix each quantizer's
-output with its input), joint W/A training (trainables ``[AdaRoundWeights(lr_w, "cosine", rounding=None),
-ActivationDeltas(lr_a)]``); TFMQ-DM's per-layer exclusion via ``exclude``.
+A method changes what is optimised by composing new objects, not by editing the loop: EDA-DM's FBR
+(quant.reconstruct.fbr) overrides ``loss`` (block + add_loss·Σ layer losses from a second forward), ``unit_inputs``
+(QDrop mixing of ``batch["q"]`` and ``batch["fp"]``) and ``active`` (QDrop hooks on the quantizers) and trains
+``[AdaRoundWeights(lr_w, "cosine", rounding=None), ActivationDeltas(lr_a)]``; TFMQ-DM leaves layers out via
+``exclude``.
 """
 import contextlib
 import fnmatch

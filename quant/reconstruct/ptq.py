@@ -1,6 +1,6 @@
 """A post-training run's shared setup: the wrapped model, its FP twin, calibration rows, unit plan and resume state.
 
-``PTQSession`` is what a PTQ method (quant.methods.qdiffusion today, TFMQ-DM / EDA-DM next) composes its stages
+``PTQSession`` is what a PTQ method (quant.methods.qdiffusion, tfmqdm, edadm) composes its stages
 from: ``init_weight_quantizers``, ``stage`` (one driver pass with an objective), ``commit_act_init`` /
 ``restore``. The unit plan is a plain list a method may edit (insert custom units, drop layers) before running.
 """
@@ -12,7 +12,7 @@ import torch
 from ldm.util import UserError
 from quant.api import config_to_dict, quantize_
 from quant.layers import QuantLayer, QuantMatMul
-from quant.quantizer import init_max, init_mse
+from quant.quantizer import init_max, init_mse, init_search
 from quant.reconstruct.cache import clear_dir
 from quant.reconstruct.driver import CalibrationRows, StageOptions, run_stage
 from quant.reconstruct.state import ReconState, fingerprint, tensor_digest
@@ -38,8 +38,8 @@ def _act_state_keys(model):
 @torch.no_grad()
 def init_weight_quantizers(qunet, scale_method):
     """Per-output-channel (Δ, z) of every weight quantizer (each half of a split layer on its own input channels)
-    from the weights, `mse` or `max`: data-free, so a resumed run recomputes the same values."""
-    init = init_mse if scale_method == "mse" else init_max
+    from the weights, `mse`, `max` or `search` (EDA-DM): data-free, so a resumed run recomputes the same values."""
+    init = {"mse": init_mse, "max": init_max, "search": init_search}[scale_method]
     for _, layer in qunet.quant_layers():
         for wq, part in layer.weight_quantizers():
             delta, zero = init(layer.weight[:, part], wq.bits, per_channel=True)

@@ -8,6 +8,11 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def common(run):
+    """The flags every digits script call in these tests shares: CPU, one thread, no progress bars."""
+    return ["--preset", "digits", "--device", "cpu", "--run_dir", str(run), "--no_progress", "--threads", "1"]
+
+
 def load_script(relpath):
     """The module of a script (quant_scripts/0X_*.py, scripts/*.py), imported under a private name."""
     directory = os.path.join(REPO, os.path.dirname(relpath))

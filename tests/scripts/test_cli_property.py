@@ -44,6 +44,8 @@ SCRIPTS = [
     Script("quant_scripts/02_quantize_ldm_naive.py", RUN + ("--n_calib", "8", "--train_steps", "4"), ("calib",)),
     Script("quant_scripts/02_quantize_ldm_naive.py", RUN + ("--method", "qdiffusion", "--cali_st", "2", "--cali_n",
                                                             "2", "--weight_iters", "1", "--act_iters", "1"), ("calib",)),
+    Script("quant_scripts/02_quantize_ldm_naive.py", RUN + ("--method", "edadm", "--tdac_n", "1", "--weight_iters", "1",
+                                                            "--running_batch", "4"), ("calib",)),
     Script("quant_scripts/03_train_mpqdm.py", RUN + ("--epochs", "1", "--batch_size", "1"), ("naive",)),
     Script("quant_scripts/04_sample_lora_model.py", RUN + ("--n_samples", "2", "--batch_size", "2"), ("finetuned",)),
     Script("quant_scripts/04_sample_lora_model.py", RUN + ("--stage", "naive", "--n_samples", "2"), ("naive",)),

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from script_runner import assert_one_sentence, load_script, run_main, snapshot
+from script_runner import assert_one_sentence, common, load_script, run_main, snapshot
 
 pytestmark = pytest.mark.slow  # shares the golden run of test_cli_property.py (built once per session)
 
@@ -25,10 +25,6 @@ S04, S05, S06 = ("quant_scripts/04_sample_lora_model.py", "quant_scripts/05_eval
                  "quant_scripts/06_export_packed.py")
 SAMPLE = "scripts/sample_diffusion.py"
 DIGITS_CONFIG = "configs/latent-diffusion/digits-ldm-vq-4.yaml"
-
-
-def common(run):
-    return ["--preset", "digits", "--device", "cpu", "--run_dir", str(run), "--no_progress", "--threads", "1"]
 
 
 @pytest.mark.parametrize("script, extra, fragment", [

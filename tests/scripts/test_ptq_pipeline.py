@@ -6,17 +6,13 @@ import shutil
 import pytest
 import torch
 
-from script_runner import assert_one_sentence, load_script, run_main, snapshot
+from script_runner import assert_one_sentence, common, load_script, run_main, snapshot
 
 Q02 = "quant_scripts/02_quantize_ldm_naive.py"
 # the golden run's calib.pt has 4 steps x 2 trajectories (x2 rows with guidance)
 PTQ = ("--method", "qdiffusion", "--n_bits_w", "4", "--n_bits_a", "8", "--cali_st", "2", "--cali_n", "2",
        "--weight_iters", "3", "--act_iters", "2", "--weight_batch", "4", "--act_batch", "4", "--micro_batch", "4",
        "--act_init_n", "8", "--train_steps", "4")
-
-
-def common(run):
-    return ["--preset", "digits", "--device", "cpu", "--run_dir", str(run), "--no_progress", "--threads", "1"]
 
 
 SOLVES = []  # solver calls (one per reconstructed unit and stage) of the unbroken ptq_run

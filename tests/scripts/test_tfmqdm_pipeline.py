@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from script_runner import assert_one_sentence, load_script, run_main, snapshot
+from script_runner import assert_one_sentence, common, load_script, run_main, snapshot
 
 Q01 = "quant_scripts/01_collect_input_4_calib.py"
 Q02 = "quant_scripts/02_quantize_ldm_naive.py"
@@ -14,10 +14,6 @@ Q04 = "quant_scripts/04_sample_lora_model.py"
 TFMQ = ("--method", "tfmqdm", "--n_bits_w", "4", "--n_bits_a", "8", "--cali_st", "2", "--cali_n", "2", "--fsc_n", "2",
         "--weight_iters", "2", "--tiar_iters", "2", "--weight_batch", "4", "--tiar_batch", "4", "--micro_batch", "4",
         "--act_init_n", "4", "--running_batch", "4", "--train_steps", "4")
-
-
-def common(run):
-    return ["--preset", "digits", "--device", "cpu", "--run_dir", str(run), "--no_progress", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
