@@ -10,6 +10,7 @@ layer) that differ from the naive stage's. Point 0 is the naive model.
 
   python benchmarks/budget_curve.py                       # 800 epochs (the paper's 16,000 iterations), 4 methods
   python benchmarks/budget_curve.py --epochs 50 --points 0 10 50 --out_dir runs/budget50 --md runs/budget50/t.md
+  python benchmarks/budget_curve.py --report_only           # the table from the points finished so far
 
 Every finished point is a JSON in <out_dir>/<method>/points/ and is skipped by a re-run of the same command; the
 scripts' output goes to <out_dir>/<method>/log.txt. Methods run --jobs at a time, one thread each.
@@ -66,6 +67,9 @@ def build_parser():
                                                   "shipped digits model)")
     p.add_argument("--ckpt", default=None, help="checkpoint of that model (with --config)")
     p.add_argument("--quiet", action="store_true", help="do not echo the scripts' commands")
+    p.add_argument("--report_only", action="store_true",
+                   help="run nothing: write the table from the points already finished under --out_dir, listing the "
+                        "ones not measured yet (for a curve whose runs span several sessions)")
     # internal: evaluate one point in a fresh one-thread process (the parallel runs each spawn their own)
     p.add_argument("--eval_point", nargs=2, metavar=("RUN_DIR", "EPOCH"), default=None, help=argparse.SUPPRESS)
     return p
@@ -365,6 +369,12 @@ def reading(records, args):
     if final:
         best = min(final.values(), key=lambda r: r["FID"])
         lines.append(f"- Lowest FID at epoch {last}: {best['label']} ({best['FID']:.3f}).")
+    reached = [max(r["epoch"] for r in records if r["method"] == m) for m in {r["method"] for r in records}]
+    common = min(reached) if reached else None
+    if common is not None and common != last:   # some runs are not finished: compare all at their common point
+        ranked = sorted((r for r in records if r["epoch"] == common), key=lambda r: r["FID"])
+        lines.append(f"- At epoch {common}, the last point every run reached: " + ", ".join(
+            f"{r['label']} FID {r['FID']:.3f} ({100 * r['conditional_accuracy']:.1f}%)" for r in ranked) + ".")
     omq = omq_summary(args)
     if omq:
         lines.append(f"- OMQ on this model (W{W_BITS} naive stage of the MPQ-DM run): m > 0 in {omq[0]} of {omq[1]} "
@@ -372,7 +382,21 @@ def reading(records, args):
     return lines
 
 
-def write_report(records, args, command, wall):
+def finished_points(args):
+    """(records of every finished point of args.methods at args.points, [(method, epoch) not finished])."""
+    records, missing = [], []
+    for name in args.methods:
+        for epoch in args.points:
+            path = point_path(os.path.join(args.out_dir, name), epoch)
+            if os.path.exists(path):
+                with open(path) as fh:
+                    records.append(json.load(fh))
+            else:
+                missing.append((name, epoch))
+    return records, missing
+
+
+def write_report(records, args, command, wall, missing=()):
     head = ["method", "epoch", "iterations"] + [c[1] for c in COLUMNS] + ["codes changed"]
     md = ["# Digits: quality against fine-tuning budget at W2A4", "", "Command:", "", "```", command, "```", "",
           f"Settings: {'digits LDM-4 (models/ldm/digits-ldm-vq-4)' if not args.config else args.ckpt}; one "
@@ -382,8 +406,11 @@ def write_report(records, args, command, wall):
           f"{args.seed}; digits CNN metrics, FID against the 1,437 training digits, FID-FP and PSNR against the FP "
           "samples from the same noise. Codes changed: fraction of integer weight codes "
           "clamp(round(W'·s/Δ) + round(z), 0, 2^b−1) of all quantized layers (LoRA merged) that differ from the "
-          "naive stage's.", "", f"Wall time of the command that wrote this: {wall:.0f} s with --jobs {args.jobs} "
-          "(re-runs skip finished points; a shared 2-core machine, so times are noisy).", "",
+          "naive stage's.", "",
+          (f"Wall time of the command that wrote this: {wall:.0f} s with --jobs {args.jobs} (re-runs skip finished "
+           "points; a shared 2-core machine, so times are noisy)." if not args.report_only else
+           "Assembled with --report_only from the points finished so far; each run's own times are in the second "
+           "table (runs two at a time, one thread each, on a shared 2-core machine, so times are noisy)."), "",
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     from evaluation.digits_report import format_metric
     for r in records:
@@ -401,6 +428,12 @@ def write_report(records, args, command, wall):
         wall = f"{train / epochs:.2f}" if epochs else "–"
         md.append(f"| {METHODS[name][2]} | {train:.0f} | {evaluation:.0f} | {train + evaluation:.0f} | {wall} | "
                   f"{cpu} |")
+    if missing:
+        by_method = {}
+        for name, epoch in missing:
+            by_method.setdefault(METHODS[name][2], []).append(str(epoch))
+        md += ["", "Not measured yet (the same command without --report_only runs them, resuming finished points): "
+               + "; ".join(f"{label}: epoch {', '.join(e)}" for label, e in by_method.items()) + "."]
     md += ["", "Reading (computed from the table):", ""] + reading(records, args)
     text = "\n".join(md) + "\n"
     md_path = args.md if os.path.isabs(args.md) else os.path.join(REPO, args.md)
@@ -417,6 +450,12 @@ def main(argv=None):
     if args.eval_point:
         return evaluate_point(args)
     command = "python benchmarks/budget_curve.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.report_only:
+        records, missing = finished_points(args)
+        if not records:
+            raise UserError(f"no finished points under {args.out_dir}; run the command without --report_only first")
+        write_report(records, args, command, 0.0, missing)
+        return records
     runner = Runner(args.quiet)
     started = time.time()
     calib_dir = os.path.join(args.out_dir, "calib")

@@ -292,3 +292,18 @@ def test_run_ptq_rounds_hard_and_learns_activation_steps(tmp_path):
     again = run_ptq(small_unet(), config, calib, tmp_path / "again", TIMESTEPS, model_id="test")
     for (k, v), (_, w) in zip(qunet.state_dict().items(), again.state_dict().items()):
         assert torch.equal(v, w), k
+
+
+def test_tdac_on_the_ddim_model_without_guidance():
+    from ddim.config import model_config
+    from ddim.models.diffusion import Model
+    cfg = dict(type="simple", in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4],
+               dropout=0.0, var_type="fixedlarge", ema_rate=0.9999, ema=True, resamp_with_conv=True)
+    model = Model(model_config(cfg, 8)).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = {"meta": {"n_entries": 3, "rows_per_entry": 4, "calib_steps": 3, "calib_batch": 4, "calib_batches": 1},
+             "x": torch.randn(12, 3, 8, 8, generator=g), "t": torch.tensor([900, 500, 100]).repeat_interleave(4)}
+    rows, log = tdac_select(model, calib, "ddim_model", 4, 1.0, 1.2, seed=0, device="cpu")
+    assert rows["context"] is None and rows["x"].shape[0] == 4 and sum(log["counts"]) == 4
+    for i, k in enumerate(assign(log["counts"], 0).tolist()):     # unpaired: one row per sample
+        assert torch.equal(rows["x"][i], calib["x"][k * 4 + i]) and int(rows["t"][i]) == [900, 500, 100][k]

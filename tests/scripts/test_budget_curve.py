@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from ldm.util import UserError
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DIGITS_CKPT = os.path.join(REPO, "models/ldm/digits-ldm-vq-4/model.ckpt")
 
@@ -121,3 +123,13 @@ def test_tiny_curve_matches_finetuned_artifacts_and_resumes(tmp_path):
     text = (tmp_path / "curve.md").read_text()
     assert "python benchmarks/budget_curve.py --epochs 2" in text
     assert all(f"| EfficientDM | {e} | {20 * e} |" in text for e in (0, 1, 2))
+
+    # --report_only: the same records from disk, nothing run, unfinished points listed
+    partial = bc.main(["--epochs", "3", "--points", "0", "1", "2", "3", "--methods", "efficientdm", "mpqdm", "--out_dir",
+                       str(out), "--md", str(tmp_path / "partial.md"), "--quiet", "--report_only"])
+    assert [json.dumps(r, sort_keys=True) for r in partial] == [json.dumps(r, sort_keys=True) for r in records]
+    assert {m: (out / m / "log.txt").read_text() for m in logs} == logs
+    text = (tmp_path / "partial.md").read_text()
+    assert "Not measured yet" in text and "EfficientDM: epoch 3" in text and "last point every run reached" in text
+    with pytest.raises(UserError, match="no finished points"):
+        bc.main(["--out_dir", str(tmp_path / "empty"), "--md", str(tmp_path / "e.md"), "--report_only"])
