@@ -29,7 +29,7 @@ CONSTANTS = {
     "preview_every": 80,         # epochs between preview grids (0 = none)
     "preview_classes": [88, 417],
     "nan_patience": 5,           # abort after this many consecutive non-finite steps
-    "lora_lr_scale": 1.0,        # x the paper's LoRA lr avg_Δ/2500 (see results/digits.md for 0.1 on digits)
+    "lora_lr_scale": 1.0,        # x the paper's LoRA lr avg_Δ/2500 (the digits preset: 0.1, results/digits_budget.md)
     "weight_decay": 0.01,        # AdamW weight decay of every trainable group
 }
 

@@ -15,7 +15,8 @@ def run_ptq(fp_unet, config, calib, run_dir, timesteps, progress=False, model_id
     post-training method's config.
 
     calib: a loaded calib.pt artifact ({"meta", "x", "t", "context"?}); the method selects its rows
-    (Q-Diffusion, TFMQ-DM: cali_st steps x cali_n samples; a handler with ``select_rows`` its own, EDA-DM's TDAC). run_dir: where the resumable state (``recon/``) lives.
+    (Q-Diffusion, TFMQ-DM: cali_st steps x cali_n samples; a handler with ``select_rows`` its own, EDA-DM's TDAC).
+    run_dir: where the resumable state (``recon/``) lives.
     timesteps: the sampling schedule recorded in the model's meta. model_id: an identity of the FP model for the
     resume fingerprint (default: ldm.generate.model_fingerprint). Returns the QuantUNet; its ``ptq_log``
     attribute holds per-unit losses and stage times.
