@@ -28,9 +28,10 @@ COS_EPS = 1e-6
 # ------------------------------------------------------------------------------------------- statistics
 def density(features, radius):
     """D_k = #{j != k : mean((F_k - F_j)^2) <= radius} over the steps of ``features`` [K, ...]."""
-    flat = features.reshape(features.shape[0], -1).double()
-    sq = flat.pow(2).sum(1)
-    dist = (sq[:, None] + sq[None, :] - 2 * flat @ flat.T).clamp(min=0) / flat.shape[1]   # no [K, K, D] tensor
+    flat = features.reshape(features.shape[0], -1)
+    gram = (flat @ flat.T).double().cpu()             # [K, K] in the features' precision: no [K, K, D] tensor
+    sq = gram.diagonal()
+    dist = (sq[:, None] + sq[None, :] - 2 * gram).clamp(min=0) / flat.shape[1]
     close = dist <= radius
     close.fill_diagonal_(False)
     return close.sum(1).double()
@@ -38,10 +39,10 @@ def density(features, radius):
 
 def variety(features):
     """V_k = Σ_{j != k} Σ_{n,h,w} (1 - cos_c(F_k, F_j)) over the steps of ``features`` [K, R, C, ...]."""
-    feats = features.double()
-    out = torch.zeros(feats.shape[0], dtype=torch.float64)
-    for a in range(feats.shape[0]):
-        per_step = (1 - F.cosine_similarity(feats[a:a + 1], feats, dim=2, eps=COS_EPS)).flatten(1).sum(1)
+    out = torch.zeros(features.shape[0], dtype=torch.float64)
+    for a in range(features.shape[0]):   # one step against all: [K, R, H, W] cosines, summed in float64
+        cos = F.cosine_similarity(features[a:a + 1], features, dim=2, eps=COS_EPS)
+        per_step = (1 - cos).flatten(1).double().sum(1).cpu()
         out[a] = per_step.sum() - per_step[a]
     return out
 
@@ -88,7 +89,8 @@ def assign(counts, seed):
 # ------------------------------------------------------------------------------------------- calib.pt
 @torch.no_grad()
 def middle_features(fp_unet, calib, family, device, micro_batch=64):
-    """F [K, R, C, ...]: the middle attention block's input on the first batch of trajectories at every step."""
+    """F [K, R, C, ...]: the middle attention block's input on the first batch of trajectories at every step (kept
+    on ``device``: at LSUN's 200 steps they are gigabytes, and the statistics are cheapest where they are)."""
     from quant.reconstruct.driver import CalibrationRows, capture_inputs
 
     layout = trajectory_layout(calib["meta"])
@@ -103,7 +105,7 @@ def middle_features(fp_unet, calib, family, device, micro_batch=64):
     feats = []
     for k in range(layout["n_steps"]):
         idx = torch.arange(k * per_entry, (k + 1) * per_entry)        # run 0, entry k: all its rows
-        parts = [capture_inputs(fp_unet, hook, rows.call_args(idx[i:i + micro_batch], device))[0][0].cpu()
+        parts = [capture_inputs(fp_unet, hook, rows.call_args(idx[i:i + micro_batch], device))[0][0]
                  for i in range(0, len(idx), micro_batch)]
         feats.append(torch.cat(parts))
     return torch.stack(feats)
