@@ -11,7 +11,6 @@ quantizer init (range search) -> activation init (range search, EMA 0.9 over all
 (quant.reconstruct.fbr): AdaRound V (Adam lr_w) + activation Δ (Adam lr_a), cosine to 0, no f_reg, QDrop p on the
 activations and the unit's inputs, loss = block + add_loss · layer losses; hard rounding at the end.
 """
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -171,18 +170,15 @@ class EDADM(MethodHandler):
     def run_ptq(self, session):
         """Weight init, activation init and FBR on a PTQSession (resumable per unit)."""
         from quant.reconstruct.act_init import search_ema_init
-        config, times = session.config, {}
+        config = session.config
         objective = self.objective(config)
         session.init_weight_quantizers(config.weight_init)
         session.restore()
-        start = time.perf_counter()
-        if not session.done("act_init"):
-            search_ema_init(session.q, session.rows, config.running_batch, config.running_momentum, config.seed,
-                            session.device)
-            session.commit_act_init()
-        times["act_init_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        session.stage("fbr", lambda unit: objective, config.weight_iters, config.weight_batch)
-        times["fbr_s"] = time.perf_counter() - start
-        session.log["times"] = times
+        with session.timed("act_init_s"):
+            if not session.done("act_init"):
+                search_ema_init(session.q, session.rows, config.running_batch, config.running_momentum, config.seed,
+                                session.device)
+                session.commit_act_init()
+        with session.timed("fbr_s"):
+            session.stage("fbr", lambda unit: objective, config.weight_iters, config.weight_batch)
         return session.finish()

@@ -8,7 +8,6 @@ weight-quantized model, weights only, Adam lr 1e-3, p = 2, f_reg with β 20 -> 2
 activation init (first-reach `mse` / `max`, + running statistics) -> activation stage (only activation Δ, FP
 inputs, weights and activations quantized, Adam lr 4e-4 cosine to 0, p = 2.4). Resumable per unit.
 """
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -105,23 +104,19 @@ class QDiffusion(MethodHandler):
     def run_ptq(self, session):
         """Run the weight stage, the activation init and the activation stage on a PTQSession (resumable)."""
         from quant.reconstruct.act_init import init_act_quantizers, running_stats
-        config, times = session.config, {}
+        config = session.config
         weight_obj, act_obj = self.objectives(config)
         session.init_weight_quantizers(config.weight_init)
         session.restore()
-        start = time.perf_counter()
-        session.stage("weight", lambda unit: weight_obj, config.weight_iters, config.weight_batch)
-        times["weight_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        if not session.done("act_init"):
-            ranges = init_act_quantizers(session.q, session.rows, config.act_init_n, config.seed, session.device)
-            if config.running_stat:
-                running_stats(session.q, session.rows, ranges, config.running_batch, config.running_momentum,
-                              config.seed, session.device)
-            session.commit_act_init()
-        times["act_init_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        session.stage("act", lambda unit: act_obj, config.act_iters, config.act_batch)
-        times["act_s"] = time.perf_counter() - start
-        session.log["times"] = times
+        with session.timed("weight_s"):
+            session.stage("weight", lambda unit: weight_obj, config.weight_iters, config.weight_batch)
+        with session.timed("act_init_s"):
+            if not session.done("act_init"):
+                ranges = init_act_quantizers(session.q, session.rows, config.act_init_n, config.seed, session.device)
+                if config.running_stat:
+                    running_stats(session.q, session.rows, ranges, config.running_batch, config.running_momentum,
+                                  config.seed, session.device)
+                session.commit_act_init()
+        with session.timed("act_s"):
+            session.stage("act", lambda unit: act_obj, config.act_iters, config.act_batch)
         return session.finish()

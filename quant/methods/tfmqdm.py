@@ -14,7 +14,6 @@ the ResBlocks leaving their embedding linears (already rounded by TIAR) out of t
 (``fsc="paper"``) or for all of them (``"released"``); ``"off"`` = one set everywhere (the ablation). No
 activation-Δ learning. Weights use cali_st of the recorded steps (TFMQ-DM's interval_length); FSC uses every step.
 """
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -155,7 +154,7 @@ class TFMQDM(MethodHandler):
     def run_ptq(self, session):
         """TIAR, block reconstruction and FSC on a PTQSession (resumable per unit and stage)."""
         from quant.reconstruct.fsc import calibrate_sets, fsc_rows
-        config, family, times = session.config, session.family, {}
+        config, family = session.config, session.family
         calib = getattr(session, "calib", None)
         if calib is None:
             raise ValueError("TFMQ-DM needs the loaded calib.pt on the session (quant.reconstruct.run_ptq sets it)")
@@ -165,19 +164,15 @@ class TFMQDM(MethodHandler):
         session.units = ([tib] if tib is not None else []) + blocks
         session.init_weight_quantizers(config.weight_init)
         session.restore()
-        start = time.perf_counter()
-        if tib is not None:
-            session.stage("tiar", lambda unit: tiar_obj, config.tiar_iters, config.tiar_batch, units=[tib])
-        times["tiar_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        session.stage("weight", lambda unit: block_obj, config.weight_iters, config.weight_batch, units=blocks)
-        times["weight_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        if not session.done("fsc"):
-            session.log["fsc"] = calibrate_sets(session.q, rows, session.qunet.table, config.act_init_n,
-                                                config.running_batch, config.running_momentum, config.seed,
-                                                session.device)
-            session.commit_act_init("fsc")
-        times["fsc_s"] = time.perf_counter() - start
-        session.log["times"] = times
+        with session.timed("tiar_s"):
+            if tib is not None:
+                session.stage("tiar", lambda unit: tiar_obj, config.tiar_iters, config.tiar_batch, units=[tib])
+        with session.timed("weight_s"):
+            session.stage("weight", lambda unit: block_obj, config.weight_iters, config.weight_batch, units=blocks)
+        with session.timed("fsc_s"):
+            if not session.done("fsc"):
+                session.log["fsc"] = calibrate_sets(session.q, rows, session.qunet.table, config.act_init_n,
+                                                    config.running_batch, config.running_momentum, config.seed,
+                                                    session.device)
+                session.commit_act_init("fsc")
         return session.finish()

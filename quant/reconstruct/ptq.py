@@ -4,8 +4,10 @@
 from: ``init_weight_quantizers``, ``stage`` (one driver pass with an objective), ``commit_act_init`` /
 ``restore``. The unit plan is a plain list a method may edit (insert custom units, drop layers) before running.
 """
+import contextlib
 import copy
 import os
+import time
 
 import torch
 
@@ -128,6 +130,15 @@ class PTQSession:
         log = self.log.setdefault(name, {})
         return run_stage(name, self.units if units is None else units, self.q, self.fp, objective_for, self.rows,
                          self.options(iters, batch_size), self.state, self.progress, log)
+
+    @contextlib.contextmanager
+    def timed(self, key):
+        """Record the wall seconds of the enclosed stage as ``log["times"][key]`` (the artifact's ptq_times)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.log.setdefault("times", {})[key] = time.perf_counter() - start
 
     def finish(self):
         for _, m in self.qunet.quant_layers() + self.qunet.quant_matmuls():
