@@ -17,6 +17,7 @@ training) with the preset's PLMS 50 / CFG 3; "cond. acc." is then the prompt acc
 against the digit the prompt names.
 """
 import argparse
+import fnmatch
 import json
 import os
 import shlex
@@ -64,15 +65,18 @@ def ptq_rows(bits, method="qdiffusion", label="Q-Diffusion", suffix="", flags=()
                  flags=list(flags), calib=calib) for w, a in bits]
 
 
-# Calibration data per recipe (one 01 run each, shared by the rows naming it): the preset's recorded trajectories,
-# or TFMQ-DM's (PEERS.md §3.4): a fresh FP run per step, on the sampling schedule its per-step sets are keyed by
-# (the digits preset samples DDIM 20, eta 0, CFG 3.0)
+# Calibration data per preset and recipe (one 01 run each, shared by the rows naming it): the preset's recorded
+# trajectories, or TFMQ-DM's (PEERS.md §3.4): a fresh FP run per step on the sampling schedule its per-step sets are
+# keyed by, or EDA-DM's (PEERS.md §2.1): N/B batches of fresh noise on the sampling schedule, TDAC taking one sample
+# per trajectory, so N = 128 needs 8 batches of 16. The digits preset samples DDIM 20, eta 0, CFG 3.0 (its 01
+# default records 50-step trajectories); the pixel preset's 01 default already is its sampling schedule (quad 20,
+# eta 0, no guidance, 16 per batch)
+_DIGITS_SCHEDULE = ["--calib_steps", 20, "--calib_eta", 0.0, "--calib_scale", 3.0]
 CALIBRATIONS = {
-    "trajectory": [],
-    "tfmqdm": ["--calib_data", "fresh_per_step", "--calib_steps", 20, "--calib_eta", 0.0, "--calib_scale", 3.0],
-    # EDA-DM (PEERS.md §2.1): N/B batches of fresh noise on the sampling schedule; TDAC takes one sample per
-    # trajectory, so the digits preset's N = 128 needs 8 batches of 16
-    "edadm": ["--calib_steps", 20, "--calib_eta", 0.0, "--calib_scale", 3.0, "--calib_batch", 16, "--calib_batches", 8],
+    "digits": {"trajectory": [], "tfmqdm": ["--calib_data", "fresh_per_step", *_DIGITS_SCHEDULE],
+               "edadm": [*_DIGITS_SCHEDULE, "--calib_batch", 16, "--calib_batches", 8]},
+    "digits-pixel": {"trajectory": [], "tfmqdm": ["--calib_data", "fresh_per_step"], "edadm": ["--calib_batches", 8]},
+    "digits-txt2img": {"trajectory": []},
 }
 
 PTQ_BITS = [(8, 8), (4, 8), (4, 4), (3, 4), (2, 4)]
@@ -124,7 +128,10 @@ _TEXT_BY_NAME = {r["name"]: r for r in TEXT_ROWS}
 TEXT_DEMO_ROWS = [_TEXT_BY_NAME[n] for n in ("fp", "efficientdm-w4a8", "mpqdm-w4a8", "efficientdm-w2a4",
                                              "mpqdm-w2a4")]
 TEXT_PROMPTS = 20  # the digits-heldout prompt set: 2 phrasings x 10 digits
-PIXEL_ROWS = [FP_ROW] + bit_rows([(8, 8), (4, 8), (4, 4), (2, 4)])
+PIXEL_BITS = [(8, 8), (4, 8), (4, 4), (2, 4)]
+PIXEL_ROWS = ([FP_ROW] + bit_rows(PIXEL_BITS) + ptq_rows(PIXEL_BITS)
+              + ptq_rows(PIXEL_BITS, "tfmqdm", "TFMQ-DM (FSC paper)", "-paper", ["--fsc", "paper"], "tfmqdm")
+              + ptq_rows(PIXEL_BITS, "edadm", "EDA-DM", calib="edadm"))
 
 PROFILES = {
     # the results table: over an hour on 2 CPU cores with --jobs 2 (15 fine-tuning runs of 800 iterations, 25
@@ -152,8 +159,9 @@ def build_parser():
     p.add_argument("--profile", choices=sorted(PROFILES), default="full",
                    help="full: every row of the results table; demo: FP, EfficientDM and MPQ-DM (paper LoRA lr "
                         "and x0.1) at W2A4 only; pixel: the pixel-space DDIM miniature's table (FP, naive PTQ, "
-                        "EfficientDM, MPQ-DM at W8A8, W4A8, W4A4, W2A4); text: the text-to-image model's table (FP, EfficientDM, MPQ-DM at "
-                        "W4A8, W4A4, W2A4, MPQ-DM+ at W2A4); demo-text: its W4A8 and W2A4 rows")
+                        "EfficientDM, MPQ-DM, Q-Diffusion, TFMQ-DM, EDA-DM at W8A8, W4A8, W4A4, W2A4); text: the "
+                        "text-to-image model's table (FP, EfficientDM, MPQ-DM at W4A8, W4A4, W2A4, MPQ-DM+ at W2A4); "
+                        "demo-text: its W4A8 and W2A4 rows")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="fine-tuning epochs per run (one sampling trajectory each: 20 optimizer steps for digits, 50 "
                         "for text; default: the profile's)")
@@ -168,8 +176,39 @@ def build_parser():
     p.add_argument("--out_dir", default=None, help="where the run directories go (default runs/digits_table)")
     p.add_argument("--md", default=None, help="Markdown table path (default results/digits.md)")
     p.add_argument("--json", default=None, help="JSON records path (default results/digits.json)")
+    p.add_argument("--rows", nargs="+", metavar="GLOB", default=None,
+                   help="measure only the rows whose names match these patterns (e.g. 'edadm*'; the FP row is "
+                        "always re-drawn, as every row's FID-to-FP reference) and keep every other row's record, "
+                        "with the command that made it, from the existing --json table")
     p.add_argument("--quiet", action="store_true", help="do not echo the scripts' commands")
     return p
+
+
+def select_rows(rows, patterns):
+    """The rows named by ``patterns`` plus the FP row; a pattern matching nothing is an error (a typo would
+    otherwise measure nothing and rewrite the table)."""
+    names = [r["name"] for r in rows]
+    for pat in patterns:
+        if not fnmatch.filter(names, pat):
+            raise UserError(f"--rows {pat!r} matches no row of this profile; its rows are: {', '.join(names)}")
+    return [r for r in rows if r["method"] == "fp" or any(fnmatch.fnmatch(r["name"], p) for p in patterns)]
+
+
+def kept_records(json_path, names):
+    """The records of the rows not re-measured, from the table at ``json_path``: each must be there and name the
+    command that made it."""
+    if not os.path.exists(json_path):
+        raise UserError(f"--rows keeps the other rows from {json_path}, which does not exist; run the whole table "
+                        "first (without --rows)")
+    try:
+        old = {r["name"]: r for r in json.load(open(json_path))}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{json_path} is not a results table written by this script ({exc})") from None
+    missing = [n for n in names if n not in old or "command" not in old[n]]
+    if missing:
+        raise UserError(f"{json_path} lacks these rows (or the command that made them): {', '.join(missing)}; run "
+                        "the whole table (without --rows)")
+    return {n: old[n] for n in names}
 
 
 class Runner:
@@ -250,7 +289,12 @@ def main(argv=None):
         raise UserError(f"--n_samples must be a multiple of {per} (balanced over the "
                         f"{'held-out prompts' if per == 20 else 'digits'}), got {args.n_samples}")
     command = "python benchmarks/digits_table.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    rows = prof["rows"] + [r for r in prof["ablation"] if r["name"] not in {x["name"] for x in prof["rows"]}]
+    all_rows = prof["rows"] + [r for r in prof["ablation"] if r["name"] not in {x["name"] for x in prof["rows"]}]
+    rows = select_rows(all_rows, args.rows) if args.rows else all_rows
+    json_file = os.path.join(REPO, json_path) if not os.path.isabs(json_path) else json_path
+    kept = kept_records(json_file, [r["name"] for r in all_rows if r not in rows] + ["fp"]) if args.rows else {}
+    old_fp = kept.pop("fp", None)
+    load = os.getloadavg()[0]
     runner = Runner(args.out_dir, args.quiet)
     started = time.time()
 
@@ -261,7 +305,7 @@ def main(argv=None):
         if not os.path.exists(calibs[recipe]):
             print(f"[01] calibration data ({recipe})", flush=True)
             runner(calib_dir, "quant_scripts/01_collect_input_4_calib.py", "--preset", args.preset, "--run_dir",
-                   calib_dir, *CALIBRATIONS[recipe])
+                   calib_dir, *CALIBRATIONS[args.preset][recipe])
 
     # Fine-tuned runs first (naive rows sample from their artifacts), in parallel chains.
     trained = [r for r in rows if r.get("stage") != "naive"]
@@ -283,7 +327,9 @@ def main(argv=None):
                                   stage=r.get("stage", "finetuned" if r["method"] != "fp" else "fp"),
                                   flags=r.get("flags", []) + r.get("ft_flags", []), **metrics, n_samples=args.n_samples,
                                   seconds=seconds.get(r["name"]),
-                                  epochs=None if r["method"] == "fp" or r.get("stage") == "ptq" else args.epochs)
+                                  epochs=None if r["method"] == "fp" or r.get("stage") == "ptq" else args.epochs,
+                                  command=command)
+    records.update(kept)
 
     if args.preset == "digits-txt2img":
         model_settings = (f"digits text-to-image LDM (models/ldm/digits-txt2img), samples: PLMS 50 steps, eta 0, CFG "
@@ -306,51 +352,61 @@ def main(argv=None):
     settings = (f"{model_settings}; metrics by the shipped digits CNN; FID/sFID/precision/recall "
                 f"against the 1,437 real training digits; FID-FP and PSNR against the FP samples drawn from the same "
                 f"noise; fine-tuning seconds measured with {args.jobs} run(s) in parallel, one thread each.")
-    if any(r.get("stage") == "ptq" for r in rows):
+    # the guided presets record an unconditional and a conditional row per sample
+    x2 = "" if args.preset == "digits-pixel" else ", x2 rows with guidance"
+    if any(r.get("stage") == "ptq" for r in all_rows):
         from quant.methods.qdiffusion import PRESETS as QDIFF
         q = QDIFF[args.preset]
         settings += (f" Q-Diffusion rows (stage ptq) are post-training: no fine-tuning, 02 with the {args.preset} "
-                     f"preset's reconstruction ({q['cali_st']} calibration steps x {q['cali_n']} trajectories, x2 "
-                     f"rows with guidance; {q['weight_iters']} AdaRound + {q['act_iters']} activation-delta "
+                     f"preset's reconstruction ({q['cali_st']} calibration steps x {q['cali_n']} trajectories{x2}; "
+                     f"{q['weight_iters']} AdaRound + {q['act_iters']} activation-delta "
                      "iterations per block, nothing kept FP, attention matmuls quantized, one activation scale for "
                      "all steps); their seconds are 02's wall time.")
-    if any(r["method"] == "tfmqdm" for r in rows):
+    if any(r["method"] == "tfmqdm" for r in all_rows):
         from quant.calib_fresh import unet_calls
         from quant.methods.tfmqdm import PRESETS as TFMQ
         t = TFMQ[args.preset]
         settings += (f" TFMQ-DM rows (stage ptq, 02 --method tfmqdm with the {args.preset} preset's options and the "
                      "row's --fsc / --tiar) calibrate on TFMQ-DM's own data: a fresh FP run per step on the sampling "
-                     "schedule (01 " + " ".join(map(str, CALIBRATIONS["tfmqdm"])) + f", {unet_calls(20)} UNet calls "
+                     "schedule (01 " + " ".join(map(str, CALIBRATIONS[args.preset]["tfmqdm"]))
+                     + f", {unet_calls(20)} UNet calls "
                      "per batch of trajectories instead of 20, not counted in the rows' seconds); TIAR "
                      f"({t['tiar_iters']} AdaRound iterations "
                      f"on the time MLP and every ResBlock's embedding linear), then {t['weight_iters']} AdaRound "
-                     f"iterations per block on {t['cali_st']} of the 20 steps x {t['cali_n']} trajectories (x2 rows "
-                     f"with guidance), then FSC: min-max with EMA (momentum 0.95) from an MSE init, on all 20 steps "
+                     f"iterations per block on {t['cali_st']} of the 20 steps x {t['cali_n']} trajectories{x2}, "
+                     "then FSC: min-max with EMA (momentum 0.95) from an MSE init, on all 20 steps "
                      f"x {t['fsc_n']} trajectories, one activation set per step on the time-embedding block's "
                      "inputs (FSC paper) or on every activation quantizer (FSC released), one set elsewhere; no "
-                     "activation-delta learning; FP: the input and output convs, time_embed.0 and the skip / "
-                     "downsample convs; attention matmuls quantized; their seconds are 02's wall time.")
-    if any(r["method"] == "edadm" for r in rows):
+                     "activation-delta learning; FP: the input and output convs, the time MLP's first linear and the "
+                     "skip / downsample convs; attention matmuls quantized; their seconds are 02's wall time.")
+    if any(r["method"] == "edadm" for r in all_rows):
         from quant.methods.edadm import preset_options as eda_options
         e = eda_options(args.preset, w_bits=4, a_bits=8)
         settings += (f" EDA-DM rows (stage ptq, 02 --method edadm with the {args.preset} preset's options and the "
-                     "row's flags) calibrate on their own trajectories (01 " + " ".join(map(str, CALIBRATIONS["edadm"]))
-                     + f"): TDAC picks how many of N = {e['tdac_n']} trajectories (one sample each, x2 rows with "
-                     f"guidance) come from each of the 20 steps (r {e['tdac_radius']}, lambda {e['tdac_lambda']}; "
+                     "row's flags) calibrate on their own trajectories (01 "
+                     + " ".join(map(str, CALIBRATIONS[args.preset]["edadm"]))
+                     + f"): TDAC picks how many of N = {e['tdac_n']} trajectories (one sample each{x2}) come from "
+                     f"each of the 20 steps (r {e['tdac_radius']}, lambda {e['tdac_lambda']}; "
                      "'TDAC off': the same count per step); range-search inits, activation init by EMA over all rows; "
                      f"then FBR, {e['weight_iters']} iterations per block: AdaRound and activation delta learned "
                      f"jointly (lr_w / lr_a {e['weight_lr']:g} / {e['act_lr']:g} at W<8, the W8A8 recipe's at W8A8), "
-                     f"block loss + {e['add_loss']:g} x layer losses, QDrop 0.5; W8 time_embed.0 and output conv, "
-                     "output-conv input FP, 8-bit activations at the second-to-last layer; their seconds are 02's "
-                     "wall time.")
+                     f"block loss + {e['add_loss']:g} x layer losses, QDrop 0.5; W8 the time MLP's first linear "
+                     "and the output conv, output-conv input FP, 8-bit activations at the second-to-last layer; their "
+                     "seconds are 02's wall time.")
     full = PROFILES["text" if args.profile == "demo-text" else "full"]
-    md = [f"# Digits results ({args.profile} profile)", "", "Command:", "", "```", command, "```", "",
-          f"Settings: {settings}", "",
+    if old_fp is not None and old_fp["FID"] != records["fp"]["FID"]:
+        settings += (f" The FP samples re-drawn by the last command differ from those the kept rows were scored "
+                     f"against (FID {records['fp']['FID']:.4f} against {old_fp['FID']:.4f}).")
+    commands = list(dict.fromkeys(records[r["name"]]["command"] for r in all_rows))
+    md = [f"# Digits results ({args.profile} profile)", "", "Command:" if len(commands) == 1 else
+          "Commands (each row was measured by the one its record in the JSON names; the last wrote this file):", "",
+          "```", *commands, "```", "", f"Settings: {settings}", "",
           *([f"Demo budget: {args.epochs} fine-tuning epochs and {args.n_samples} samples per row, shorter than "
              f"the results table's ({full['epochs']} epochs, {full['n_samples']} samples); see {full['md']} for the "
              "full measurement.", ""] if args.profile.startswith("demo") else []),
           "Total wall time of the command that wrote this: "
-          f"{time.time() - started:.0f} s (re-runs skip finished artifacts).", ""]
+          f"{time.time() - started:.0f} s (re-runs skip finished artifacts); 1-minute load average when it started: "
+          f"{load:.2f}.", ""]
     md += _table("Main table", [records[r["name"]] for r in prof["rows"]])
     if prof["ablation"]:
         bits = sorted({(r["w"], r["a"]) for r in prof["ablation"]}, reverse=True)
@@ -359,9 +415,8 @@ def main(argv=None):
         md += _table(f"Ablation at {at}", [records[r["name"]] for r in prof["ablation"]])
     text = "\n".join(md) + "\n"
     atomic_write_bytes(os.path.join(REPO, md_path) if not os.path.isabs(md_path) else md_path, text.encode())
-    ordered = [records[r["name"]] for r in rows]
-    atomic_write_bytes(os.path.join(REPO, json_path) if not os.path.isabs(json_path) else json_path,
-                       (json.dumps(ordered, indent=1) + "\n").encode())
+    ordered = [records[r["name"]] for r in all_rows]
+    atomic_write_bytes(json_file, (json.dumps(ordered, indent=1) + "\n").encode())
     print(text)
     print(f"table: {md_path}  records: {json_path}  sample grids: {args.out_dir}/<row>/samples_grid.png")
 
