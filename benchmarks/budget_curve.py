@@ -21,7 +21,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +30,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
+from benchmarks.step_runner import StepRunner  # noqa: E402
 from ldm.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
 from ldm.util import UserError, atomic_write_bytes, cli_main  # noqa: E402
 
@@ -203,35 +203,6 @@ def point_path(run_dir, epoch):
 
 def fp_samples_path(args):
     return os.path.join(args.out_dir, "fp", f"samples_{args.n_samples}_seed{args.seed}.npz")
-
-
-class Runner:
-    """One subprocess per step at one thread, its output appended to <run_dir>/log.txt."""
-
-    def __init__(self, quiet):
-        self.quiet = quiet
-        self.env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-    def __call__(self, run_dir, script, *args):
-        """Wall seconds of the step."""
-        return self.timed(run_dir, script, *args)[0]
-
-    def timed(self, run_dir, script, *args):
-        """(wall seconds, CPU seconds of that child alone: less sensitive to other load than the wall time)."""
-        cmd = [sys.executable, os.path.join(REPO, script), *map(str, args)]
-        os.makedirs(run_dir, exist_ok=True)
-        if not self.quiet:
-            print("  $", " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
-        start = time.time()
-        with open(os.path.join(run_dir, "log.txt"), "a") as log:
-            log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-            log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
-            _, status, usage = os.wait4(proc.pid, 0)  # reaps the child and gives its own rusage
-            proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            raise UserError(f"{script} failed with exit status {proc.returncode}; see {run_dir}/log.txt")
-        return time.time() - start, usage.ru_utime + usage.ru_stime
 
 
 def resume_epoch(run_dir):
@@ -458,7 +429,7 @@ def main(argv=None):
             raise UserError(f"no finished points under {args.out_dir}; run the command without --report_only first")
         write_report(records, args, command, 0.0, missing)
         return records
-    runner = Runner(args.quiet)
+    runner = StepRunner(args.quiet)
     started = time.time()
     calib_dir = os.path.join(args.out_dir, "calib")
     calib = os.path.join(calib_dir, "calib.pt")

@@ -21,7 +21,6 @@ import fnmatch
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks.step_runner import StepRunner  # noqa: E402
 from evaluation.digits_report import DIGITS_METRIC_COLUMNS, digits_row_metrics, format_metric  # noqa: E402
 from ldm.cli import ArgumentParser, nonneg_int, positive_int  # noqa: E402
 from ldm.util import UserError, atomic_write_bytes, cli_main  # noqa: E402
@@ -211,30 +211,8 @@ def kept_records(json_path, names):
     return {n: old[n] for n in names}
 
 
-class Runner:
-    """Runs one script per call with a log file per run directory; a failed step stops the table."""
-
-    def __init__(self, out_dir, quiet):
-        self.out_dir, self.quiet = out_dir, quiet
-        self.env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-    def __call__(self, run_dir, script, *args):
-        cmd = [sys.executable, os.path.join(REPO, script), *map(str, args)]
-        os.makedirs(run_dir, exist_ok=True)
-        if not self.quiet:
-            print("  $", " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
-        start = time.time()
-        with open(os.path.join(run_dir, "log.txt"), "a") as log:
-            log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
-            log.flush()
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
-        if code != 0:
-            raise UserError(f"{script} failed with exit status {code}; see {run_dir}/log.txt")
-        return time.time() - start
-
-
 def run_row(row, args, runner, calib):
-    """Produce the row's samples.npz (and finetuned.pt); returns seconds spent fine-tuning, or for a post-training
+    """Produce the row's samples.npz (and finetuned.pt); returns the timing of its fine-tuning, or for a post-training
     row reconstructing (None if none)."""
     run_dir = os.path.join(args.out_dir, row["name"])
     samples = os.path.join(run_dir, "samples.npz")
@@ -263,17 +241,19 @@ def run_row(row, args, runner, calib):
     ptq = row.get("stage") == "ptq"
     timing = os.path.join(run_dir, "ptq_seconds.json" if ptq else "finetune_seconds.json")
     if not os.path.exists(os.path.join(run_dir, "naive.pt")):
-        seconds = runner(run_dir, "quant_scripts/02_quantize_ldm_naive.py", *common, "--method", row["method"],
-                         "--n_bits_w", row["w"], "--n_bits_a", row["a"], *row.get("flags", []))
+        seconds, cpu = runner.timed(run_dir, "quant_scripts/02_quantize_ldm_naive.py", *common, "--method",
+                                    row["method"], "--n_bits_w", row["w"], "--n_bits_a", row["a"],
+                                    *row.get("flags", []))
         if ptq:
-            atomic_write_bytes(timing, json.dumps({"seconds": seconds}).encode())
+            atomic_write_bytes(timing, json.dumps({"seconds": seconds, "cpu_seconds": cpu}).encode())
     if not ptq and not os.path.exists(os.path.join(run_dir, "finetuned.pt")):
-        seconds = runner(run_dir, "quant_scripts/03_train_mpqdm.py", *common, "--epochs", args.epochs,
-                         *row.get("ft_flags", PAPER_LR))
-        atomic_write_bytes(timing, json.dumps({"seconds": seconds, "epochs": args.epochs}).encode())
+        seconds, cpu = runner.timed(run_dir, "quant_scripts/03_train_mpqdm.py", *common, "--epochs", args.epochs,
+                                    *row.get("ft_flags", PAPER_LR))
+        record = {"seconds": seconds, "cpu_seconds": cpu, "epochs": args.epochs}
+        atomic_write_bytes(timing, json.dumps(record).encode())
     if not os.path.exists(samples):
         runner(run_dir, "quant_scripts/04_sample_lora_model.py", *common, *sample_args)
-    return json.load(open(timing))["seconds"] if os.path.exists(timing) else None
+    return json.load(open(timing)) if os.path.exists(timing) else {}
 
 
 def main(argv=None):
@@ -295,7 +275,7 @@ def main(argv=None):
     kept = kept_records(json_file, [r["name"] for r in all_rows if r not in rows] + ["fp"]) if args.rows else {}
     old_fp = kept.pop("fp", None)
     load = os.getloadavg()[0]
-    runner = Runner(args.out_dir, args.quiet)
+    runner = StepRunner(args.quiet)
     started = time.time()
 
     calibs = {}
@@ -310,13 +290,13 @@ def main(argv=None):
     # Fine-tuned runs first (naive rows sample from their artifacts), in parallel chains.
     trained = [r for r in rows if r.get("stage") != "naive"]
     naive = [r for r in rows if r.get("stage") == "naive"]
-    seconds = {}
+    timings = {}
     for batch in (trained, naive):
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = {r["name"]: pool.submit(run_row, r, args, runner, calibs[r.get("calib", "trajectory")])
                        for r in batch}
             for name, fut in futures.items():
-                seconds[name] = fut.result()
+                timings[name] = fut.result()
                 print(f"[done] {name}", flush=True)
 
     fp_npz = os.path.join(args.out_dir, "fp", "samples.npz")
@@ -326,7 +306,8 @@ def main(argv=None):
         records[r["name"]] = dict(name=r["name"], label=r["label"], method=r["method"], w_bits=r["w"], a_bits=r["a"],
                                   stage=r.get("stage", "finetuned" if r["method"] != "fp" else "fp"),
                                   flags=r.get("flags", []) + r.get("ft_flags", []), **metrics, n_samples=args.n_samples,
-                                  seconds=seconds.get(r["name"]),
+                                  seconds=timings[r["name"]].get("seconds"),
+                                  cpu_seconds=timings[r["name"]].get("cpu_seconds"),
                                   epochs=None if r["method"] == "fp" or r.get("stage") == "ptq" else args.epochs,
                                   command=command)
     records.update(kept)
@@ -351,7 +332,8 @@ def main(argv=None):
                           "DDIM trajectories, 32 naive tuples)")
     settings = (f"{model_settings}; metrics by the shipped digits CNN; FID/sFID/precision/recall "
                 f"against the 1,437 real training digits; FID-FP and PSNR against the FP samples drawn from the same "
-                f"noise; fine-tuning seconds measured with {args.jobs} run(s) in parallel, one thread each.")
+                f"noise; fine-tuning seconds measured with {args.jobs} run(s) in parallel, one thread each, as wall "
+                f"time and (where recorded) the CPU time of that process alone.")
     # the guided presets record an unconditional and a conditional row per sample
     x2 = "" if args.preset == "digits-pixel" else ", x2 rows with guidance"
     if any(r.get("stage") == "ptq" for r in all_rows):
@@ -422,12 +404,13 @@ def main(argv=None):
 
 
 def _table(title, records):
-    head = ["method", "W/A", "stage"] + [c[1] for c in DIGITS_METRIC_COLUMNS] + ["fine-tune / PTQ s"]
+    head = ["method", "W/A", "stage"] + [c[1] for c in DIGITS_METRIC_COLUMNS] + ["fine-tune / PTQ s (CPU s)"]
     lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rec in records:
         wa = "32/32" if rec["method"] == "fp" else f"{rec['w_bits']}/{rec['a_bits']}"
         cells = [rec["label"], wa, rec["stage"]] + [format_metric(c[0], rec.get(c[0])) for c in DIGITS_METRIC_COLUMNS]
-        cells.append("–" if rec["seconds"] is None else f"{rec['seconds']:.0f}")
+        cpu = f" ({rec['cpu_seconds']:.0f})" if rec.get("cpu_seconds") is not None else ""
+        cells.append("–" if rec["seconds"] is None else f"{rec['seconds']:.0f}{cpu}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

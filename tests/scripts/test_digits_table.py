@@ -30,7 +30,7 @@ def table(tmp_path, monkeypatch):
     record written by this run is told apart from a kept one (FID 100)."""
     dt = _digits_table()
     ran = []
-    monkeypatch.setattr(dt, "run_row", lambda row, *a: ran.append(row["name"]) or 12.0)
+    monkeypatch.setattr(dt, "run_row", lambda row, *a: ran.append(row["name"]) or {"seconds": 12.0})
     monkeypatch.setattr(dt, "digits_row_metrics", lambda npz, fp: _metrics(1.0 + len(ran)))
     out = tmp_path / "runs"
     os.makedirs(out / "calib")

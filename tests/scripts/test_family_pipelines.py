@@ -105,6 +105,39 @@ def test_pixel_pipeline(pixel, tmp_path, method, w, a):
     assert metrics["num_samples"] == 4 and metrics["metrics"]["FID"] is not None
 
 
+# the post-training peers at tiny budgets on the pixel calib.pt (4 quad steps x 2 trajectories, no guidance)
+_PTQ_TINY = ("--weight_batch", 4, "--micro_batch", 4, "--running_batch", 4, "--train_steps", 4)
+PIXEL_PTQ = {
+    "qdiffusion": ("--cali_st", 2, "--cali_n", 2, "--weight_iters", 2, "--act_iters", 2, "--act_batch", 4,
+                   "--act_init_n", 4, *_PTQ_TINY),
+    "tfmqdm": ("--cali_st", 2, "--cali_n", 2, "--fsc_n", 2, "--weight_iters", 2, "--tiar_iters", 2, "--tiar_batch", 4,
+               "--act_init_n", 4, *_PTQ_TINY),
+    "edadm": ("--tdac_n", 2, "--weight_iters", 2, *_PTQ_TINY),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PIXEL_PTQ))
+def test_pixel_post_training(pixel, tmp_path, method):
+    """Each post-training method runs 02 -> 04 on the pixel family with its ddim_model policy (the digits-pixel
+    table's peer rows)."""
+    from quant.artifacts import load_artifact
+
+    model, calib_dir = pixel
+    shutil.copy2(calib_dir / "calib.pt", tmp_path / "calib.pt")
+    common = model + ["--run_dir", tmp_path]
+    run("02_quantize_ldm_naive.py", *common, "--method", method, "--n_bits_w", 4, "--n_bits_a", 8,
+        *PIXEL_PTQ[method])
+    run("04_sample_lora_model.py", *common, "--n_samples", 4, "--batch_size", 2)
+    meta = load_artifact(tmp_path / "naive.pt")["meta"]
+    assert meta["method"] == method and meta["policy"]["family"] == "ddim_model"
+    # cali_st x cali_n rows, or TDAC's N = 2 (one sample per trajectory); no guidance, so one row each
+    assert meta["n_calib_rows"] == (2 if method == "edadm" else 2 * 2)
+    if method == "edadm":
+        assert sum(meta["calib_selection"]["counts"]) == 2 and len(meta["calib_selection"]["counts"]) == 4
+    arr = _arrays(tmp_path / "samples.npz")["arr_0"]
+    assert arr.shape == (4, 32, 32, 3) and arr.dtype == np.uint8 and arr.std() > 0
+
+
 def test_pixel_loop_noise_rule(pixel, tmp_path):
     """The one loop on a pixel model: image i starts from the CPU noise seeded seed*1000003+i, whatever the batch,
     and equals PixelDiffusion.sample (generalized_steps) from that noise."""
