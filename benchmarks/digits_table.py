@@ -212,8 +212,8 @@ def kept_records(json_path, names):
 
 
 def run_row(row, args, runner, calib):
-    """Produce the row's samples.npz (and finetuned.pt); returns the timing of its fine-tuning, or for a post-training
-    row reconstructing (None if none)."""
+    """Produce the row's samples.npz (and finetuned.pt); returns the timing record of its fine-tuning, or for a
+    post-training row of its reconstruction ({} if neither)."""
     run_dir = os.path.join(args.out_dir, row["name"])
     samples = os.path.join(run_dir, "samples.npz")
     count = (["--images_per_prompt", args.n_samples // TEXT_PROMPTS] if args.preset == "digits-txt2img"
@@ -271,7 +271,7 @@ def main(argv=None):
     command = "python benchmarks/digits_table.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     all_rows = prof["rows"] + [r for r in prof["ablation"] if r["name"] not in {x["name"] for x in prof["rows"]}]
     rows = select_rows(all_rows, args.rows) if args.rows else all_rows
-    json_file = os.path.join(REPO, json_path) if not os.path.isabs(json_path) else json_path
+    md_file, json_file = (p if os.path.isabs(p) else os.path.join(REPO, p) for p in (md_path, json_path))
     kept = kept_records(json_file, [r["name"] for r in all_rows if r not in rows] + ["fp"]) if args.rows else {}
     old_fp = kept.pop("fp", None)
     load = os.getloadavg()[0]
@@ -396,7 +396,7 @@ def main(argv=None):
         md += ["", f"Same command, same settings; rows at {at}:", ""]
         md += _table(f"Ablation at {at}", [records[r["name"]] for r in prof["ablation"]])
     text = "\n".join(md) + "\n"
-    atomic_write_bytes(os.path.join(REPO, md_path) if not os.path.isabs(md_path) else md_path, text.encode())
+    atomic_write_bytes(md_file, text.encode())
     ordered = [records[r["name"]] for r in all_rows]
     atomic_write_bytes(json_file, (json.dumps(ordered, indent=1) + "\n").encode())
     print(text)
