@@ -227,13 +227,13 @@ def run_row(row, args, runner, calib):
             else:  # the FP UNet through the same loop as the quantized rows (bit-identical to scripts/txt2img.py)
                 runner(run_dir, "quant_scripts/04_sample_lora_model.py", "--preset", args.preset, "--run_dir", run_dir,
                        "--fp", *sample_args)
-        return None
+        return {}
     if row.get("stage") == "naive":
         source_dir = os.path.join(args.out_dir, row["source"])
         if not os.path.exists(samples):
             runner(run_dir, "quant_scripts/04_sample_lora_model.py", "--preset", args.preset, "--run_dir",
                    source_dir, "--stage", "naive", *sample_args)
-        return None
+        return {}
     os.makedirs(run_dir, exist_ok=True)
     if not os.path.exists(os.path.join(run_dir, "calib.pt")):
         os.link(calib, os.path.join(run_dir, "calib.pt"))

@@ -71,3 +71,22 @@ def test_rows_refuses_before_any_work(table):
     with pytest.raises(UserError, match="lacks these rows"):
         dt.main(paths + ["--rows", "mpqdm*"])
     assert ran == [] and not (tmp / "t.md").exists()
+
+
+def test_run_row_returns_a_timing_record_for_every_row_kind(tmp_path):
+    """FP and naive rows have no timing of their own: an empty record, which main reads like any other."""
+    import argparse
+
+    dt = _digits_table()
+    args = argparse.Namespace(out_dir=str(tmp_path), preset="digits", n_samples=10, batch_size=10, seed=0)
+    naive = next(r for r in dt.ABLATION_ROWS if r.get("stage") == "naive")
+    for row in (dt.FP_ROW, naive):
+        os.makedirs(tmp_path / row["name"])
+        (tmp_path / row["name"] / "samples.npz").write_bytes(b"")  # finished: nothing to run
+        assert dt.run_row(row, args, runner=None, calib=None) == {}
+    ptq = dt.EDADM_ROWS[0]
+    os.makedirs(tmp_path / ptq["name"])
+    for name in ("calib.pt", "naive.pt", "samples.npz"):
+        (tmp_path / ptq["name"] / name).write_bytes(b"")
+    (tmp_path / ptq["name"] / "ptq_seconds.json").write_text('{"seconds": 5.0, "cpu_seconds": 4.0}')
+    assert dt.run_row(ptq, args, runner=None, calib=None) == {"seconds": 5.0, "cpu_seconds": 4.0}
