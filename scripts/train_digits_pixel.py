@@ -9,8 +9,11 @@ the residual branches start at zero (--init) and the loss is Min-SNR weighted (-
 warm-up and cosine decay, gradient clipping, and an EMA of the weights, which is what gets exported.
 
 The run writes a resumable checkpoint to --work_dir every --ckpt_every steps; rerunning the same command
-continues where it stopped and gives the same bytes as an uninterrupted run (same --threads). The result is
-{"state_dict": <Model state dict, EMA weights>, "training": {...}} at --out (ddim.checkpoint loads it).
+continues where it stopped and gives the same weights as an uninterrupted run (same --threads). The result is
+{"state_dict": <Model state dict, EMA weights>, "training": {...}} at --out (ddim.checkpoint loads it); the
+training record holds the weights' sha256 (ldm.training.state_dict_sha256), which a rerun with the same flags
+reproduces (the recorded wall times differ, so the file's own bytes do not) with the same torch version and
+--threads on any x86 CPU with AVX2: the script caps the CPU kernels at AVX2 (CPU_ISA_PINS) before torch loads.
 
 Afterwards (or alone with --eval_only) it samples --eval_samples images per schedule in --eval_schedules
 (DDIM, eta 0) and reports the digits CNN's view of them: the fraction classified with confidence > 0.9, the
@@ -25,11 +28,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# Float sums in the CPU kernels depend on the vector width, and 2,000 Adam steps amplify a last-bit difference
+# into other weights (measured: the same flags on an AVX-512 CPU gave max |dw| 0.70 against the AVX2-trained model).
+# Capping ATen, oneDNN and MKL at AVX2 before torch loads makes every AVX2-or-newer x86 CPU compute the same bits
+# (the shipped model is reproduced this way on an AVX-512 EPYC); set the variables yourself to override.
+CPU_ISA_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+for _name, _value in CPU_ISA_PINS.items():
+    os.environ.setdefault(_name, _value)
+
 import torch  # noqa: E402
 
 from ldm.cli import ArgumentParser, nonneg_float, nonneg_int, positive_float, positive_int, probability  # noqa: E402
 from ldm.util import atomic_save, atomic_write_bytes, cli_main  # noqa: E402
-from ldm.training import absolutize, load_state, lr_at  # noqa: E402
+from ldm.training import absolutize, load_state, lr_at, state_dict_sha256  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_ARGS = ("seed", "config", "steps", "batch_size", "lr", "warmup", "grad_clip", "ema_decay", "init",
@@ -197,10 +208,12 @@ def export(args, model, ema, seconds, n_train):
                 "n_train": n_train, "args": {k: getattr(args, k) for k in TRAIN_ARGS if k != "config"},
                 "config": os.path.relpath(args.config, REPO_ROOT), "seconds": round(seconds[0], 1),
                 "cpu_seconds": round(seconds[1], 1),
-                "n_params": n_params, "ema_exported": True}
+                "n_params": n_params, "ema_exported": True, "state_dict_sha256": state_dict_sha256(state_dict),
+                "torch": str(torch.__version__), "cpu_isa": {k: os.environ.get(k) for k in CPU_ISA_PINS}}
     atomic_save({"state_dict": state_dict, "training": training}, args.out)
     size = os.path.getsize(args.out) / 2 ** 20
-    print(f"wrote {args.out} ({size:.2f} MiB, {n_params:,} parameters); training wall time {seconds[0]:.0f} s "
+    print(f"wrote {args.out} ({size:.2f} MiB, {n_params:,} parameters, weights sha256 "
+          f"{training['state_dict_sha256'][:16]}); training wall time {seconds[0]:.0f} s "
           f"(process CPU time {seconds[1]:.0f} s)", flush=True)
     return model.eval()
 

@@ -20,6 +20,11 @@ def test_shipped_miniature_loads_and_samples():
     assert isinstance(net, Model) and not net.training
     assert any(isinstance(m, AttnBlock) for m in net.modules())
     assert model.training_record["ema_exported"] is True
+    # the weights are the ones its training run wrote (scripts/train_digits_pixel.py reproduces this digest)
+    from ldm.training import state_dict_sha256
+    raw = torch.load(DIGITS_PIXEL_CKPT, map_location="cpu", weights_only=True)
+    assert state_dict_sha256(raw["state_dict"]) == model.training_record["state_dict_sha256"]
+    assert net.state_dict().keys() == raw["state_dict"].keys()
     x_T = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     x = model.sample(x_T, 10, skip_type="uniform", eta=0.0, generator=torch.Generator().manual_seed(0))
     assert x.shape == (4, 3, 32, 32) and bool(torch.isfinite(x).all())
