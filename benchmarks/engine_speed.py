@@ -144,18 +144,39 @@ def build_cin(work, names, log):
 
 
 # ---------------------------------------------------------------------------------------------- timing
+def cpu_label():
+    """The CPU model and its int8-relevant instruction sets (the int8 kernels differ with VNNI / AMX)."""
+    from quant.deploy.describe import cpu_int8_isa
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), name)
+    except OSError:
+        pass
+    isa = cpu_int8_isa()
+    return f"{name} ({', '.join(isa['flags']) or 'no AVX2'}; int8 dot products: " \
+           f"{'VNNI' if isa['vnni'] else 'AMX' if isa['amx'] else 'none, 16-bit AVX2 sums'})"
+
+
 def file_bytes(path):
     return os.path.getsize(path) + os.path.getsize(path[:-4] + ".bin")
 
 
-def load_variants(model, engines, threads):
-    """{variant: callable(x, t, ctx) -> eps} with PyTorch FP first; also returns the torch UNet for fidelity."""
+def variant_name(name, streams):
+    """openvino-<setting> in latency mode (one stream), openvino-<setting>-<n>streams in throughput mode."""
+    return ("openvino-fp" if name == "fp" else f"openvino-{name}") + (f"-{streams}streams" if streams > 1 else "")
+
+
+def load_variants(model, engines, threads, streams=(1,)):
+    """{variant: module(x, t, context=ctx) -> eps}, PyTorch FP first, then every engine at every stream count that
+    the thread count allows (a stream needs a thread)."""
     from quant.deploy.openvino import load_engine_unet
     torch.set_num_threads(threads)
     unet = digits_ldm().model.diffusion_model if model == "digits" else cin_unet()
     variants = {"pytorch-fp": unet}
-    for name, path in engines.items():
-        variants["openvino-fp" if name == "fp" else f"openvino-{name}"] = load_engine_unet(path, threads=threads)
+    for n in [s for s in streams if s <= threads]:
+        for name, path in engines.items():
+            variants[variant_name(name, n)] = load_engine_unet(path, threads=threads, streams=n)
     return variants
 
 
@@ -173,9 +194,9 @@ def interleaved(fns, rounds, warmup=1):
 
 
 @torch.no_grad()
-def time_model(model, engines, threads, rounds, log):
+def time_model(model, engines, threads, rounds, log, streams=(1,)):
     from quant.deploy.openvino import EngineUNet, int8_summary, kernel_precisions
-    variants = load_variants(model, engines, threads)
+    variants = load_variants(model, engines, threads, streams)
     latent, ctx = shapes(model)
     g = torch.Generator().manual_seed(0)
     b = BATCH[model]
@@ -201,7 +222,7 @@ def time_model(model, engines, threads, rounds, log):
     rows = []
     for k, (med, lo, hi) in per_call.items():
         m = variants[k]
-        row = {"model": model, "variant": k, "threads": threads, "batch": b, "call_ms": 1e3 * med,
+        row = {"model": model, "variant": k, "threads": threads, "batch": b, "cpu": cpu_label(), "call_ms": 1e3 * med,
                "call_min_ms": 1e3 * lo, "call_max_ms": 1e3 * hi, "rounds": rounds,
                "batch20_s": batch20[k][0] if k in batch20 else 20 * med, "batch20_measured": k in batch20}
         if isinstance(m, EngineUNet):
@@ -210,6 +231,7 @@ def time_model(model, engines, threads, rounds, log):
             row["int8_kernels"], row["f32_kernels"] = int8_summary(counts)
             row["file_bytes"] = file_bytes(m.path)
             row["modes"] = m.header.get("modes")
+            row["streams"] = len(m.requests)
         else:
             row["file_bytes"] = sum(v.numel() * v.element_size() for v in m.state_dict().values())
         rows.append(row)
@@ -254,7 +276,7 @@ def memory_rows(model, engines, log):
         if out.returncode != 0:
             raise RuntimeError(f"memory child {variant} failed:\n{out.stderr[-2000:]}")
         rec = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append({"model": model, "variant": variant, **rec})
+        rows.append({"model": model, "variant": variant, "cpu": cpu_label(), **rec})
         log(f"[{model}] peak RSS {variant}: {rec['peak_rss_bytes'] / MiB:.0f} MiB")
     return rows
 
@@ -295,7 +317,7 @@ def fidelity_rows(work, names, threads, log):
         sample(qunet, fq_npz)
         sample(engine, en_npz)
         fq, en = digits_row_metrics(fq_npz, fp_npz), digits_row_metrics(en_npz, fq_npz)
-        rows.append({"setting": name, "stage": stage, "max_abs_eps_diff": max(diffs),
+        rows.append({"setting": name, "stage": stage, "cpu": cpu_label(), "max_abs_eps_diff": max(diffs),
                      "median_step_max_abs_eps_diff": statistics.median(diffs),
                      "psnr_engine_vs_fakequant": en["PSNR_fp"], "fid_engine_vs_fakequant": en["FID_fp"],
                      "acc_fakequant": fq["conditional_accuracy"], "acc_engine": en["conditional_accuracy"],
@@ -388,13 +410,19 @@ def write_results(out_dir, command, speed, memory, fidelity, load):
             rows = [r for r in data["speed"] if r["model"] == model and r["threads"] == th]
             base = {r["variant"]: r["call_ms"] for r in rows}
             mem = {r["variant"]: r for r in data["memory"] if r["model"] == model}
+            cpus = sorted({r.get("cpu", "not recorded") for r in rows})
+            mem_cpus = sorted({r.get("cpu", "not recorded") for r in mem.values()} - set(cpus))
             lines += [f"## {model}, batch {rows[0]['batch']}, {th} thread(s), {rows[0]['rounds']} rounds", "",
+                      f"CPU: {'; '.join(cpus)}" + (f"; peak RSS measured on: {'; '.join(mem_cpus)}" if mem_cpus
+                                                   else ""), "",
                       "| variant | ms / call (median, min–max) | 20-step batch s | vs PyTorch FP | vs OpenVINO FP | "
                       "int8 / f32 kernels | file MB | peak RSS MiB |", "|---|---|---|---|---|---|---|---|"]
             for r in rows:
                 m = mem.get(r["variant"])
                 kern = f"{r['int8_kernels']} / {r['f32_kernels']}" if "int8_kernels" in r else "–"
-                vs_ov = f"{base['openvino-fp'] / r['call_ms']:.2f}x" if "openvino-fp" in base else "–"
+                # engines against OpenVINO FP at the same stream count; PyTorch FP against the latency-mode one
+                ov_fp = variant_name("fp", r.get("streams", 1))
+                vs_ov = f"{base[ov_fp] / r['call_ms']:.2f}x" if ov_fp in base else "–"
                 lines.append(f"| {r['variant']} | {r['call_ms']:.1f} ({r['call_min_ms']:.1f}–{r['call_max_ms']:.1f}) "
                              f"| {r['batch20_s']:.2f}{'' if r['batch20_measured'] else ' (20×call)'} | "
                              f"{base['pytorch-fp'] / r['call_ms']:.2f}x | {vs_ov} | {kern} | "
@@ -404,11 +432,17 @@ def write_results(out_dir, command, speed, memory, fidelity, load):
                              f"{base['pytorch-fp'] / r['call_ms']:.2f}x | {vs_ov} | {kern} | "
                              f"{r['file_bytes'] / 1e6:.1f} | – |")
             lines.append("")
+    if any(r.get("streams", 1) > 1 for r in data["speed"]):
+        lines += ["Variants named `-<n>streams` run in OpenVINO's throughput mode: n CPU streams sharing the weights, "
+                  "the threads divided among them, the batch cut into n slices that run at once (`load_engine_unet("
+                  "..., streams=n)`, `04 --engine_streams n`); their \"vs OpenVINO FP\" is against the FP graph "
+                  "with the same streams.", ""]
     if data["fidelity"]:
         lines += ["## Fidelity of the digits engines to the fake-quant model", "",
                   "max |Δε|: engine vs fake-quant PyTorch on the same inputs (batch 200, all 20 steps). Samples: "
                   "1,000 digits, DDIM 20, CFG 3.0, seed 0, the same noise for every model; accuracy and FID by "
-                  "the digits CNN against the training digits.", "",
+                  "the digits CNN against the training digits. CPU: "
+                  f"{'; '.join(sorted({f.get('cpu', 'not recorded') for f in data['fidelity']}))}.", "",
                   "| setting | stage | max abs Δε (median step) | PSNR engine vs fake-quant dB | acc fake-quant | "
                   "acc engine | FID fake-quant | FID engine |", "|---|---|---|---|---|---|---|---|"]
         for f in data["fidelity"]:
@@ -424,6 +458,10 @@ def main(argv=None):
     p.add_argument("--models", default="digits,cin256-v2", help="comma list of digits, cin256-v2")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma list of " + ", ".join(SETTINGS))
     p.add_argument("--threads", default="1,2", help="comma list of thread counts to time")
+    p.add_argument("--streams", default="1,2",
+                   help="comma list of OpenVINO stream counts to time each engine at (1: latency mode, the batch on "
+                        "all threads; n > 1: n streams running batch slices at once; counts above the thread count "
+                        "are skipped)")
     p.add_argument("--rounds", type=positive_int, default=9, help="interleaved timing rounds (medians)")
     p.add_argument("--work_dir", default="runs/engine", help="cache of run dirs, engine models and samples")
     p.add_argument("--out_dir", default="results", help="where engine_speed.md/json go")
@@ -442,6 +480,7 @@ def main(argv=None):
         raise UserError(f"unknown setting or model {bad[0]!r}; settings: {', '.join(SETTINGS)}; models: digits, "
                         "cin256-v2.")
     threads = [positive_int(t) for t in args.threads.split(",") if t]
+    streams = [positive_int(t) for t in args.streams.split(",") if t]
     command = ".venv/bin/python benchmarks/engine_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     work = os.path.abspath(args.work_dir)
 
@@ -461,7 +500,7 @@ def main(argv=None):
         else:
             engines = build_cin(work, names, log)
         for th in [] if args.no_timing else threads:
-            speed += time_model(model, engines, th, args.rounds, log)
+            speed += time_model(model, engines, th, args.rounds, log, streams)
         if not args.no_memory:
             memory += memory_rows(model, engines, log)
         if model == "digits" and not args.no_fidelity:

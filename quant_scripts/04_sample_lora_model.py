@@ -45,6 +45,10 @@ def build_parser():
                         "conditioning)")
     p.add_argument("--engine", nargs=2, default=None, metavar=("KIND", "PATH"),
                    help="sample from an engine model written by 07_deploy.py: KIND openvino, PATH its unet.xml")
+    p.add_argument("--engine_streams", type=cli.positive_int, default=1,
+                   help="with --engine: OpenVINO CPU streams (1: latency mode, each UNet call on all threads; n > 1: "
+                        "the batch cut into n slices that run at once on n streams sharing the weights, the threads "
+                        "divided among them; faster for small UNets on several cores, see results/engine_speed.md)")
     p.add_argument("--fp", action="store_true",
                    help="sample the FP model through this script's path (a no-op quantized wrapper): the reference "
                         "run of a comparison; no artifact is read")
@@ -103,6 +107,8 @@ def check_args(args):
                         "quant_scripts/06_export_packed.py.")
     if args.engine and args.engine[0] not in ENGINES:
         raise UserError(f"--engine takes KIND PATH with KIND one of {', '.join(ENGINES)}, got {args.engine[0]!r}.")
+    if args.engine_streams > 1 and not args.engine:
+        raise UserError("--engine_streams applies to an engine model; give --engine openvino PATH with it.")
     sampler = args.sampler or preset.sampler
     if sampler == "plms" and args.eta not in (None, 0.0):
         raise UserError(f"the PLMS sampler is deterministic and needs --eta 0, got {args.eta}.")
@@ -213,7 +219,7 @@ def load_engine(args, ident):
     from quant.deploy.openvino import load_engine_unet
 
     path = os.path.abspath(args.engine[1])
-    qunet = load_engine_unet(path, threads=args.threads)
+    qunet = load_engine_unet(path, threads=args.threads, streams=args.engine_streams)
     meta = qunet.meta()
     if not meta.get("timesteps"):
         raise UserError(f"The engine model {path} records no timestep schedule; deploy it again with "

@@ -76,6 +76,15 @@ def test_openvino_engine_matches_fake_quant(tmp_path, method, w_bits, a_bits, wi
     assert low >= n_int - 4 and low > high        # the quantized convs/linears really run on int8 kernels
     with pytest.raises(UserError, match="not in the quantized model's schedule"):
         engine(torch.zeros(1, 3, 8, 8), torch.tensor([5]), torch.zeros(1, 1, 32))
+    # two streams run batch slices at once; the samples are the same up to kernel blocking
+    streamed = dov.load_engine_unet(path, threads=2, streams=2)
+    assert len(streamed.requests) == 2
+    check_against_fake(streamed, qunet)
+    g = torch.Generator().manual_seed(3)
+    x, c = torch.randn(5, 3, 8, 8, generator=g), torch.randn(5, 1, 32, generator=g)
+    ts = torch.full((5,), TIMESTEPS[2])
+    assert rel(streamed(x, ts, c), engine(x, ts, c)) < 1e-3
+    assert rel(streamed(x[:1], ts[:1], c[:1]), engine(x[:1], ts[:1], c[:1])) < 1e-3   # one sample: one stream
 
 
 @pytest.mark.slow

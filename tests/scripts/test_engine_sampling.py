@@ -39,6 +39,15 @@ def test_engine_samples_like_the_fake_quant_model(golden_run, tmp_path, capsys):
     # exact parts: most pixels are identical; where float reassociation flips a 4-bit code at a rounding tie, the
     # W2A4 chain carries the flip on to later steps and that image region moves
     assert (diff == 0).mean() > 0.75 and diff.mean() < 6.0, ((diff == 0).mean(), diff.mean())
+    # two streams (the batch of 4 as two slices of 2 at once) sample the same images as one
+    streamed = tmp_path / "streamed.npz"
+    load_script("quant_scripts/04_sample_lora_model.py").main(
+        common + ["--engine", "openvino", engine, "--engine_streams", "2"] + sample[2:] + ["--out", str(streamed)])
+    diff = np.abs(_arrays(streamed)["arr_0"].astype(int) - got["arr_0"].astype(int))
+    assert (diff == 0).mean() > 0.9, (diff == 0).mean()
+    code, _, err = run_main("quant_scripts/04_sample_lora_model.py",
+                            common + sample + ["--engine_streams", "2", "--out", str(tmp_path / "z.npz")], capsys)
+    assert "--engine_streams" in assert_one_sentence(code, err)
     # the schedule check is kept: the engine has scales for its 4 timesteps only
     code, _, err = run_main("quant_scripts/04_sample_lora_model.py",
                             common + ["--engine", "openvino", engine, "--ddim_steps", "5", "--out",
