@@ -31,10 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Float sums in the CPU kernels depend on the vector width, and 2,000 Adam steps amplify a last-bit difference
 # into other weights (measured: the same flags on an AVX-512 CPU gave max |dw| 0.70 against the AVX2-trained model).
 # Capping ATen, oneDNN and MKL at AVX2 before torch loads makes every AVX2-or-newer x86 CPU compute the same bits
-# (the shipped model is reproduced this way on an AVX-512 EPYC); set the variables yourself to override.
+# (the shipped model is reproduced this way on an AVX-512 EPYC); set the variables yourself to override. Only when
+# run as a script: imported (tests), torch is loaded already, and the caps would leak into other libraries of the
+# process (OpenVINO's oneDNN, capped after it chose its kernels, crashes).
 CPU_ISA_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
-for _name, _value in CPU_ISA_PINS.items():
-    os.environ.setdefault(_name, _value)
+if __name__ == "__main__":
+    for _name, _value in CPU_ISA_PINS.items():
+        os.environ.setdefault(_name, _value)
 
 import torch  # noqa: E402
 

@@ -25,6 +25,15 @@ def _script():
     return module
 
 
+def test_importing_the_script_leaves_the_cpu_caps_alone():
+    """The AVX2 caps are set only when the script runs as a program: set in a process whose libraries are loaded,
+    they reach OpenVINO's oneDNN after it chose its kernels and it crashed (segfault in the deploy tests)."""
+    before = dict(os.environ)
+    train = _script()
+    assert set(train.CPU_ISA_PINS) == {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR"}
+    assert dict(os.environ) == before
+
+
 def test_training_resumes_bit_for_bit(tmp_path, monkeypatch):
     import ldm.data.digits
 
