@@ -18,6 +18,7 @@ and matmuls by runtime precision (batch-independent helper convs excluded).
     .venv/bin/python benchmarks/engine_speed.py --models digits --threads 1 --no_fidelity
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -144,6 +145,7 @@ def build_cin(work, names, log):
 
 
 # ---------------------------------------------------------------------------------------------- timing
+@functools.lru_cache(maxsize=None)
 def cpu_label():
     """The CPU model and its int8-relevant instruction sets (the int8 kernels differ with VNNI / AMX)."""
     from quant.deploy.describe import cpu_int8_isa

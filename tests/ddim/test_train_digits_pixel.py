@@ -34,14 +34,19 @@ def test_importing_the_script_leaves_the_cpu_caps_alone():
     assert dict(os.environ) == before
 
 
-def test_training_resumes_bit_for_bit(tmp_path, monkeypatch):
+def _tiny_run(tmp_path, monkeypatch, n_images):
+    """(the script module, the tiny config's path) with the training data cut to its first n_images digits."""
     import ldm.data.digits
 
-    train = _script()
     config = tmp_path / "tiny.yml"
     config.write_text(TINY_CONFIG)
     images, labels = ldm.data.digits.load_digits_split("train")
-    monkeypatch.setattr(ldm.data.digits, "load_digits_split", lambda split: (images[:32], labels[:32]))
+    monkeypatch.setattr(ldm.data.digits, "load_digits_split", lambda split: (images[:n_images], labels[:n_images]))
+    return _script(), config
+
+
+def test_training_resumes_bit_for_bit(tmp_path, monkeypatch):
+    train, config = _tiny_run(tmp_path, monkeypatch, 32)
     flags = ["--config", str(config), "--steps", "5", "--batch_size", "4", "--warmup", "2", "--ckpt_every", "2",
              "--eval_samples", "0", "--no_progress"]
     clean = str(tmp_path / "clean.ckpt")
@@ -63,15 +68,9 @@ def test_training_resumes_bit_for_bit(tmp_path, monkeypatch):
 
 
 def test_resume_refuses_other_flags(tmp_path, monkeypatch):
-    import ldm.data.digits
-
     from ldm.util import UserError
 
-    train = _script()
-    config = tmp_path / "tiny.yml"
-    config.write_text(TINY_CONFIG)
-    images, labels = ldm.data.digits.load_digits_split("train")
-    monkeypatch.setattr(ldm.data.digits, "load_digits_split", lambda split: (images[:16], labels[:16]))
+    train, config = _tiny_run(tmp_path, monkeypatch, 16)
     flags = ["--config", str(config), "--steps", "4", "--batch_size", "2", "--ckpt_every", "1", "--eval_samples", "0",
              "--no_progress", "--work_dir", str(tmp_path / "w"), "--out", str(tmp_path / "m.ckpt")]
     train.main(flags + ["--stop_after", "1"])
