@@ -132,8 +132,8 @@ PIXEL_BITS = [(8, 8), (4, 8), (4, 4), (2, 4)]
 PIXEL_ROWS = ([FP_ROW] + bit_rows(PIXEL_BITS) + ptq_rows(PIXEL_BITS)
               + ptq_rows(PIXEL_BITS, "tfmqdm", "TFMQ-DM (FSC paper)", "-paper", ["--fsc", "paper"], "tfmqdm")
               # EDA-DM's FBR runs 300 iterations per unit on the 32x32 level's blocks at ~1.4 s each (2 jobs): ~30
-              # CPU-minutes a row; W4A4 and W2A4 are not measured yet (add them here, then --rows 'edadm-w4a4' ...)
-              + ptq_rows([(8, 8), (4, 8)], "edadm", "EDA-DM", calib="edadm"))
+              # CPU-minutes a row
+              + ptq_rows(PIXEL_BITS, "edadm", "EDA-DM", calib="edadm"))
 
 PROFILES = {
     # the results table: over an hour on 2 CPU cores with --jobs 2 (15 fine-tuning runs of 800 iterations, 25
@@ -161,7 +161,7 @@ def build_parser():
     p.add_argument("--profile", choices=sorted(PROFILES), default="full",
                    help="full: every row of the results table; demo: FP, EfficientDM and MPQ-DM (paper LoRA lr "
                         "and x0.1) at W2A4 only; pixel: the pixel-space DDIM miniature's table (FP, naive PTQ, "
-                        "EfficientDM, MPQ-DM, Q-Diffusion, TFMQ-DM at W8A8, W4A8, W4A4, W2A4, EDA-DM at W8A8, W4A8); text: the "
+                        "EfficientDM, MPQ-DM, Q-Diffusion, TFMQ-DM, EDA-DM at W8A8, W4A8, W4A4, W2A4); text: the "
                         "text-to-image model's table (FP, EfficientDM, MPQ-DM at W4A8, W4A4, W2A4, MPQ-DM+ at W2A4); "
                         "demo-text: its W4A8 and W2A4 rows")
     p.add_argument("--epochs", type=positive_int, default=None,
