@@ -394,16 +394,23 @@ def write_results(out_dir, command, speed, memory, fidelity, load):
     if os.path.isfile(path):
         with open(path) as fh:
             data.update(json.load(fh))
-    data["commands"] = [c for c in data["commands"] if c != command] + [command]
+    for r in speed + memory + fidelity:
+        r["command"] = command
     data["speed"] = _merge(data["speed"], speed, lambda r: (r["model"], r["variant"], r["threads"]))
     data["memory"] = _merge(data["memory"], memory, lambda r: (r["model"], r["variant"]))
     data["fidelity"] = _merge(data["fidelity"], fidelity, lambda r: r["setting"])
+    # the commands that made the rows now in the file (rows of files written before rows named their command
+    # keep that file's list)
+    owners = [r.get("command") for part in ("speed", "memory", "fidelity") for r in data[part]]
+    legacy = data["commands"] if None in owners else []
+    data["commands"] = list(dict.fromkeys(legacy + sorted({c for c in owners if c}, key=owners.index)))
     if speed:
         data["load_average_at_end"] = load
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_bytes(path, json.dumps(data, indent=1).encode())
     lines = ["# Engine speed: the quantized UNet on OpenVINO's int8 kernels (CPU)", "",
-             "Made by (each run merges its rows):", *[f"- `{c}`" for c in data["commands"]], "",
+             "Made by (each run replaces its own rows; listed: the commands whose rows are here):",
+             *[f"- `{c}`" for c in data["commands"]], "",
              f"Machine: {os.cpu_count()} CPU cores shared with other developers (1-minute load average "
              f"{data.get('load_average_at_end')} at the end of the last run): timings are noisy; every variant is "
              "called in the same interleaved rounds and the ratios are of medians.", ""]

@@ -15,14 +15,16 @@ the graph (the latent size is static): O·Ho·Wo floats per conv. (Padding X wit
 make K one number per channel, but the CPU plugin runs that Pad as a reference kernel: 41 ms of 460 ms on digits.)
 ONNX/TensorRT wants symmetric int8 codes: c − 128 for 8-bit activations, with (128 − z_k)·K_p in place of
 −z_k·K_p (exact); codes of fewer bits fit int8 as they are.
-GroupNorm is exported as reshape + layer_norm + affine (the same op; the CPU plugin splits a GroupNorm that feeds
-a quantizer per group, rule 3).
+The element-wise work around each conv runs on the rows view of its maps and GroupNorm / SiLU are rewritten for
+the engine (rules 3 and 5, ``elementwise``).
 """
 import copy
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from quant.deploy.elementwise import channel_vector, engine_functions, rewrite_for_engine, rows, set_submodule
 
 FLAVORS = ("openvino", "qdq")
 
@@ -113,37 +115,42 @@ class EngineLayer(nn.Module):
         conv = F.conv2d if self.kind == "conv" else F.conv1d
         return conv(x, w, None, a["stride"], a["padding"], a["dilation"], a["groups"] if groups is None else groups)
 
-    def _channel_view(self, x):
-        return {"conv": (1, -1, 1, 1), "conv1d": (1, -1, 1)}.get(self.kind, (-1,))
+    def _view(self, x):
+        """Where the element-wise work runs: a linear's input as it is (channels last), a conv's rows view."""
+        return x if self.kind == "linear" else rows(x)
+
+    def _out_bias(self, bias, x):
+        """The bias against the output's view (for input x)."""
+        return bias if self.kind == "linear" else channel_vector(bias, self._out_shape(x))
+
+    def _out_shape(self, x):
+        """A conv's output shape for input x, batch -1 (channels and map size are static in a graph)."""
+        k_src, a = self._buf(self.parts[0], "ksrc"), self.op_args
+        size = [(int(n) + 2 * a["padding"][i] - a["dilation"][i] * (k_src.shape[2 + i] - 1) - 1) // a["stride"][i] + 1
+                for i, n in enumerate(x.shape[2:])]
+        return (-1, int(k_src.shape[0])) + tuple(size)
 
     def _k_term(self, p, x):
-        """K = conv(1_pad, Ŵ): one number per output for a linear; for a conv the border-aware map over the
-        output positions, made once from the input's size (static in the graph: the eager pass before tracing
-        builds it) and stored as a constant; a map computed in the graph from a ones tensor would be re-prepared
-        on every call under the dynamic batch (≈1 ms per layer measured)."""
+        """K = conv(1_pad, Ŵ) in the output's view: one number per output for a linear; for a conv the
+        border-aware map over the output positions, made once from the input's size (static in the graph: the
+        eager pass before tracing builds it) and stored as a constant; a map computed in the graph from a ones
+        tensor would be re-prepared on every call under the dynamic batch (≈1 ms per layer measured)."""
         k_src = self._buf(p, "ksrc")
         if self.kind == "linear":
             return k_src
         name = p["tag"] + "kmap"
         kmap = getattr(self, name, None)
-        if kmap is None or tuple(kmap.shape[1:]) != self._out_size(x):
+        if kmap is None or tuple(kmap.shape[2:]) != self._out_shape(x)[2:]:
             groups = 1 if self.op_args["groups"] == 1 else None
             ones = torch.ones((1, 1 if groups == 1 else k_src.shape[1] * self.op_args["groups"]) + tuple(x.shape[2:]))
             with torch.no_grad():
-                kmap = self._op(ones, k_src, groups=groups)[0].contiguous()
+                kmap = self._op(ones, k_src, groups=groups).contiguous()
             self.register_buffer(name, kmap)
-        return kmap
-
-    def _out_size(self, x):
-        a = self.op_args
-        size = []
-        for i, n in enumerate(x.shape[2:]):
-            k = self._buf(self.parts[0], "ksrc").shape[2 + i]
-            size.append((int(n) + 2 * a["padding"][i] - a["dilation"][i] * (k - 1) - 1) // a["stride"][i] + 1)
-        return tuple(size)
+        return rows(kmap)
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(self, x):
+        """Sum of the parts' outputs, in the output's element-wise view, reshaped to the output once at the end."""
         y = None
         cdim = -1 if self.kind == "linear" else 1   # a linear's channels are last ([B, tokens, C] in attention)
         for i, p in enumerate(self.parts):
@@ -152,29 +159,34 @@ class EngineLayer(nn.Module):
             bias = self.bias if i == 0 else None
             out = self._fp_part(p, xp, bias) if p["mode"] == "fp" else self._int_part(p, xp, bias)
             y = out if y is None else y + out
-        return y
+        return y if self.kind == "linear" else y.reshape(self._out_shape(x))
 
-    def _scaled(self, p, x, delta):
+    def _apply(self, c, shape, w):
+        """The layer's op on values held in the input's view; the result in the output's view."""
+        if self.kind == "linear":
+            return self._op(c, w)
+        return rows(self._op(c.reshape(shape), w))
+
+    def _scaled(self, p, x, delta, shape):
         sinv = self._buf(p, "sinv")
         if sinv is not None:
-            x = x * sinv.view(self._channel_view(x))
+            x = x * (sinv if self.kind == "linear" else channel_vector(sinv, shape))
         return x / delta
-
-    def _with_bias(self, y, bias):
-        return y if bias is None else y + bias.view(self._channel_view(y))
 
     def _fp_part(self, p, x, bias):
         """Float fake quantization and a float conv (activation off, or a layer kept FP by rule 2)."""
+        shape, v = x.shape, self._view(x)
         if p["hi"] is not None:
             delta, zero = self._scales(p)
-            x = (torch.clamp(torch.round(self._scaled(p, x, delta)) + zero, 0, p["hi"]) - zero) * delta
-        return self._with_bias(self._op(x, self._w_hat(p)), bias)
+            v = (torch.clamp(torch.round(self._scaled(p, v, delta, shape)) + zero, 0, p["hi"]) - zero) * delta
+        y = self._apply(v, shape, self._w_hat(p))
+        return y if bias is None else y + self._out_bias(bias, x)
 
     def _int_part(self, p, x, bias):
         """y = Δ_k·conv(c, Ŵ) + (b − Δ_k·z'_k·K): one scalar multiply and one small broadcast add after the
         integer kernel (z'_k = z_k, or z_k − 128 for the shifted int8 codes of the Q/DQ graph)."""
         delta, zero = self._scales(p)
-        u = self._scaled(p, x, delta) + zero
+        u = self._scaled(p, self._view(x), delta, x.shape) + zero
         q, d = self._buf(p, "q"), self._buf(p, "wdelta")
         if self.flavor == "openvino":
             c = torch.fake_quantize_per_tensor_affine(u, 1.0, 0, 0, p["hi"])
@@ -186,28 +198,9 @@ class EngineLayer(nn.Module):
             w = _DQWeight.apply(q, d)
             offset = zero - shift
         shift_term = (-(delta * offset)) * self._k_term(p, x)
-        shift_term = self._with_bias(shift_term, bias) if bias is not None else shift_term
-        return self._op(c, w) * delta + shift_term
-
-
-class GroupNormAsLayerNorm(nn.Module):
-    """GroupNorm(G) as reshape to [B, G, -1] + layer_norm + per-channel affine (the same op, rule 3)."""
-
-    def __init__(self, gn: nn.GroupNorm):
-        super().__init__()
-        self.groups, self.eps = gn.num_groups, gn.eps
-        self.weight = None if gn.weight is None else nn.Parameter(gn.weight.detach().clone(), requires_grad=False)
-        self.bias = None if gn.bias is None else nn.Parameter(gn.bias.detach().clone(), requires_grad=False)
-
-    def forward(self, x):
-        shape = x.shape
-        per_group = int(x[0].numel()) // self.groups   # static (channels and latent size are fixed in a graph)
-        h = x.float().reshape(shape[0], self.groups, per_group)
-        h = F.layer_norm(h, (per_group,), eps=self.eps).reshape(shape)
-        view = (1, -1) + (1,) * (len(shape) - 2)
-        if self.weight is not None:
-            h = h * self.weight.view(view) + self.bias.view(view)
-        return h.to(x.dtype)
+        if bias is not None:
+            shift_term = shift_term + self._out_bias(bias, x)
+        return self._apply(c, x.shape, w) * delta + shift_term
 
 
 class DeployUNet(nn.Module):
@@ -221,39 +214,29 @@ class DeployUNet(nn.Module):
     def forward(self, x, timesteps, context=None, step=None):
         self.steps.index = step
         try:
-            return self.unet(x, timesteps, context=context)
+            with engine_functions():   # the DDIM Model's forward takes no context argument
+                return self.unet(x, timesteps, **({} if context is None else {"context": context}))
         finally:
             self.steps.index = None
-
-
-def _set_submodule(root, name, new):
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-def rewrite_group_norms(unet):
-    for name, m in list(unet.named_modules()):
-        if isinstance(m, nn.GroupNorm):
-            _set_submodule(unet, name, GroupNormAsLayerNorm(m))
-    return unet
 
 
 @torch.no_grad()
 def build_deploy_unet(qunet, layers, flavor="openvino"):
     """DeployUNet from a QuantUNet (fake-quant or packed) and its decided LayerExports. The QuantUNet is left
-    intact; its quantized layers are replaced in a copy, GroupNorms rewritten."""
+    intact; its quantized layers are replaced in a copy, GroupNorms and SiLUs rewritten."""
     # the quantized layers are not copied (deepcopy memo), only replaced: a cin256-size UNet is 1.6 GB in float
     by_name = dict(qunet.unet.named_modules())
     unet = copy.deepcopy(qunet.unet, memo={id(by_name[d.name]): nn.Identity() for d in layers})
     steps = StepHolder()
     for desc in layers:
-        _set_submodule(unet, desc.name, EngineLayer(desc, steps, flavor))
-    rewrite_group_norms(unet)
+        set_submodule(unet, desc.name, EngineLayer(desc, steps, flavor))
+    rewrite_for_engine(unet)
     return DeployUNet(unet.eval(), steps, qunet.table.timesteps).eval()
 
 
 @torch.no_grad()
 def build_fp_deploy_unet(unet, timesteps=None):
-    """The FP UNet with the same graph rules (GroupNorm rewrite), same call signature; the step is ignored."""
-    unet = rewrite_group_norms(copy.deepcopy(unet))
+    """The FP UNet with the same graph rules (GroupNorm and SiLU rewrites), same call signature; the step is
+    ignored."""
+    unet = rewrite_for_engine(copy.deepcopy(unet))
     return DeployUNet(unet.eval(), StepHolder(), timesteps or []).eval()

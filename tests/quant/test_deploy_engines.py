@@ -69,6 +69,12 @@ def test_openvino_engine_matches_fake_quant(tmp_path, method, w_bits, a_bits, wi
     example = dov.example_inputs(2, (3, 8, 8), (1, 32), 1, TIMESTEPS[1])
     path = str(tmp_path / "unet.xml")
     dov.save(dov.convert(build_deploy_unet(qunet, layers), example), path, {"timesteps": TIMESTEPS})
+    kinds = {}
+    for op in dov.read_header(path)[0].get_ops():   # rule 5: quantizers and SiLUs work on rows views, not 4D maps
+        if op.get_type_name() in ("FakeQuantize", "Swish", "Sigmoid"):
+            kinds[op.get_type_name()] = kinds.get(op.get_type_name(), 0) + 1
+            assert op.get_input_partial_shape(0).rank.get_length() <= 3, op.get_friendly_name()
+    assert kinds.get("FakeQuantize", 0) >= sum(p.mode != "fp" for l in layers for p in l.parts) and kinds.get("Swish")
     engine = dov.load_engine_unet(path, threads=1)
     check_against_fake(engine, qunet)
     low, high = dov.int8_summary(dov.kernel_precisions(engine.compiled))

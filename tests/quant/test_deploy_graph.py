@@ -11,7 +11,7 @@ import torch
 from quant.api import make_config, quantize_
 from quant.deploy.describe import (ACC16_LIMIT, ActSpec, LayerExport, Part, WeightSpec, cpu_int8_isa, decide_modes,
                                    describe_unet, requantize, weight_limit)
-from quant.deploy.graph import EngineLayer, GroupNormAsLayerNorm, StepHolder, build_deploy_unet
+from quant.deploy.graph import EngineLayer, StepHolder, build_deploy_unet
 from quant.stages.calibrate import calibrate
 from quant.step import step_scope
 
@@ -145,29 +145,25 @@ def test_cpu_flags_are_read(tmp_path):
     assert cpu_int8_isa(str(tmp_path / "missing"))["vnni"] is False
 
 
-def test_group_norm_rewrite_is_the_same_op():
-    gn = torch.nn.GroupNorm(4, 8)
-    torch.nn.init.normal_(gn.weight)
-    torch.nn.init.normal_(gn.bias)
-    x = torch.randn(3, 8, 5, 5)
-    torch.testing.assert_close(GroupNormAsLayerNorm(gn)(x), gn(x), rtol=1e-5, atol=1e-5)
-
-
+@pytest.mark.parametrize("size,stride,last_mode", [(7, 1, "int8"), (2, 1, "int8"), (4, 2, "fp"), (3, 1, "fp")])
 @torch.no_grad()
-def test_split_input_layer_sums_its_parts():
-    """A split-input layer (post-training peers): two act quantizers and weight slices, summed."""
+def test_split_input_layer_sums_its_parts(size, stride, last_mode):
+    """A split-input layer (post-training peers): two act quantizers and weight slices, summed; the first part
+    smoothed (X ⊙ 1/s), the second int8 or float. Map sizes cover every rows view: 7x7 (one channel a row), 2x2
+    and 4x4 -> 2x2 (channels folded into a row), 3x3 (9-element rows that cannot fill a vector)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-7, 8, (5, 6, 3, 3), generator=g).to(torch.int16)
     dw = torch.rand(5, generator=g) + 0.1
     acts = [ActSpec(8, torch.tensor([0.05, 0.1]), torch.tensor([100.0, 120.0])),
             ActSpec(4, torch.tensor([0.2, 0.3]), torch.tensor([3.0, 8.0]))]
-    parts = [Part(0, 4, acts[0], WeightSpec(w[:, :4], dw, torch.full((5,), 4))),
-             Part(4, 6, acts[1], WeightSpec(w[:, 4:], dw, torch.full((5,), 4)))]
+    s_inv = torch.rand(4, generator=g) + 0.5
+    parts = [Part(0, 4, acts[0], WeightSpec(w[:, :4], dw, torch.full((5,), 4)), smooth_inv=s_inv),
+             Part(4, 6, acts[1], WeightSpec(w[:, 4:], dw, torch.full((5,), 4)), mode=last_mode)]
     bias = torch.randn(5, generator=g)
-    args = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1}
+    args = {"stride": (stride, stride), "padding": (1, 1), "dilation": (1, 1), "groups": 1}
     steps = StepHolder()
     layer = EngineLayer(LayerExport("s", "conv", args, bias, parts), steps, "openvino")
-    x = torch.randn(2, 6, 7, 7, generator=g) * 3
+    x = torch.randn(2, 6, size, size, generator=g) * 3
     steps.index = torch.tensor(1)
     got = layer(x)
     w_hat = w.float() * dw.view(-1, 1, 1, 1)
@@ -175,6 +171,8 @@ def test_split_input_layer_sums_its_parts():
     def fq(v, a):
         d, z = a.delta[1], a.zero[1]
         return (torch.clamp(torch.round(v / d) + z, 0, a.hi) - z) * d
-    want = (torch.nn.functional.conv2d(fq(x[:, :4], acts[0]), w_hat[:, :4], bias, 1, 1)
-            + torch.nn.functional.conv2d(fq(x[:, 4:], acts[1]), w_hat[:, 4:], None, 1, 1))
+    conv = torch.nn.functional.conv2d
+    want = (conv(fq(x[:, :4] * s_inv.view(1, -1, 1, 1), acts[0]), w_hat[:, :4], bias, stride, 1)
+            + conv(fq(x[:, 4:], acts[1]), w_hat[:, 4:], None, stride, 1))
+    assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)   # float reassociation of sums ~50

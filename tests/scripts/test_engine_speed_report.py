@@ -43,3 +43,8 @@ def test_report_ratios_and_merge(tmp_path):
     assert len(data["speed"]) == 5 and data["commands"] == ["cmd A", "cmd B"]
     assert "| openvino-edm-w8a8 | 40.0 (40.0–40.0) | 0.80 (20×call) | 2.00x | 2.50x |" in \
         (tmp_path / "engine_speed.md").read_text()
+    # a command whose rows have all been re-measured by another is no longer listed
+    es.write_results(str(tmp_path), "cmd C", [_row("openvino-edm-w8a8", 45.0, 1)], [], [], 0.7)
+    assert json.loads((tmp_path / "engine_speed.json").read_text())["commands"] == ["cmd A", "cmd C"]
+    md = (tmp_path / "engine_speed.md").read_text()
+    assert "`cmd B`" not in md and "`cmd A`" in md and "`cmd C`" in md
