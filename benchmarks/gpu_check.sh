@@ -10,12 +10,17 @@
 #   3. quant_scripts 01 -> 06 (+ 04 --from_export) on the digits model for EfficientDM (W4A8) and MPQ-DM (W2A4)
 #      with --device cuda and a short budget;
 #   4. a cin256-v2-size random-weight smoke of 01 -> 04 on CUDA (benchmarks/finetune_cost.py --cin_smoke);
+#   5. the CUDA engine: the cin256-v2-size EfficientDM W8A8 UNet as Q/DQ ONNX -> TensorRT INT8 engine, its latency
+#      per call against PyTorch FP32 / FP16 on the same GPU and its max |Δε| to the fake-quant model
+#      (benchmarks/engine_speed.py --tensorrt); needs `pip install -e ".[tensorrt]"`, skipped with a line saying so
+#      when TensorRT is not installed;
 # and prints the wall time and torch.cuda.max_memory_allocated of every step. Any failure stops it with a non-zero
 # exit status. Everything it prints goes to OUT_DIR/gpu_check.log; the runs stay in OUT_DIR.
 #
 # Environment: GPU_CHECK_DEVICE=cpu runs the same steps on the CPU with tiny budgets (a dry run of this script,
 # exercised by tests/scripts/test_gpu_check.py); GPU_CHECK_METHODS (default "efficientdm mpqdm"),
-# GPU_CHECK_PYTEST=0 / GPU_CHECK_CIN=0 skip steps 2 / 4; PYTHON (default python) is the interpreter.
+# GPU_CHECK_PYTEST=0 / GPU_CHECK_CIN=0 / GPU_CHECK_TRT=0 skip steps 2 / 4 / 5 (4 and 5 run only on CUDA);
+# PYTHON (default python) is the interpreter.
 set -euo pipefail
 
 OUT=${1:-gpu_check_out}
@@ -31,6 +36,7 @@ case "$DEVICE" in
 esac
 RUN_PYTEST=${GPU_CHECK_PYTEST:-1}
 RUN_CIN=${GPU_CHECK_CIN:-$CUDA}
+RUN_TRT=${GPU_CHECK_TRT:-$CUDA}
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -102,6 +108,15 @@ done
 if [ "$RUN_CIN" = 1 ]; then
   banner "4. cin256-v2-size random-weight smoke, 01 -> 04 on $DEVICE"
   "$PY" benchmarks/finetune_cost.py --cin_smoke --device "$DEVICE" --work_dir "$OUT/cin_smoke"
+fi
+
+banner "5. TensorRT INT8 engine (cin256-v2 size, Q/DQ ONNX)"
+if [ "$RUN_TRT" != 1 ]; then
+  echo "skipped (runs on CUDA only; GPU_CHECK_TRT=1 forces it)"
+elif ! "$PY" -c "import tensorrt" 2>/dev/null; then
+  echo "skipped: TensorRT is not installed (pip install -e \".[tensorrt]\")"
+else
+  step benchmarks/engine_speed.py --tensorrt --settings edm-w8a8 --work_dir "$OUT/engine"
 fi
 
 banner "summary (device $DEVICE, $((SECONDS - START)) s in total)"

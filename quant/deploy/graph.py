@@ -165,7 +165,7 @@ class EngineLayer(nn.Module):
         """The layer's op on values held in the input's view; the result in the output's view."""
         if self.kind == "linear":
             return self._op(c, w)
-        return rows(self._op(c.reshape(shape), w))
+        return rows(self._op(c if c.shape == shape else c.reshape(shape), w))
 
     def _scaled(self, p, x, delta, shape):
         sinv = self._buf(p, "sinv")
@@ -192,9 +192,9 @@ class EngineLayer(nn.Module):
             c = torch.fake_quantize_per_tensor_affine(u, 1.0, 0, 0, p["hi"])
             w = q.to(torch.float32) * d.view((-1,) + (1,) * (q.dim() - 1))
             offset = zero
-        else:
+        else:   # Q/DQ of the codes right before the conv, in its 4D shape: TensorRT fuses DQ -> Conv into INT8
             shift = 128 if p["hi"] > 127 else 0
-            c = _QDQCodes.apply(torch.clamp(u, 0, p["hi"]) - shift)
+            c = _QDQCodes.apply(torch.clamp(u if self.kind == "linear" else u.reshape(x.shape), 0, p["hi"]) - shift)
             w = _DQWeight.apply(q, d)
             offset = zero - shift
         shift_term = (-(delta * offset)) * self._k_term(p, x)

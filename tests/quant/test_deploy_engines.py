@@ -110,6 +110,13 @@ def test_onnx_qdq_matches_fake_quant_with_onnxruntime(tmp_path):
     counts = onnx_qdq.qdq_counts(path)
     n_int = sum(p.mode != "fp" for l in layers for p in l.parts)
     assert counts["QuantizeLinear"] == n_int and counts["DequantizeLinear"] == 2 * n_int
+    # TensorRT's INT8 pattern: both inputs of every quantized Conv come straight from a DequantizeLinear
+    import onnx
+    graph = onnx.load(path).graph
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    int8_convs = [n for n in convs if producer.get(n.input[1]) == "DequantizeLinear"]
+    assert int8_convs and all(producer.get(n.input[0]) == "DequantizeLinear" for n in int8_convs)
     check_against_fake(onnx_qdq.OrtUNet(path, threads=1), qunet)
 
 
@@ -120,3 +127,13 @@ def test_missing_engine_is_one_sentence(monkeypatch):
         dov.load_engine_unet("anything.xml")
     text = str(err.value)
     assert 'pip install -e ".[deploy]"' in text and text.count(". ") == 0 and "\n" not in text
+
+
+def test_missing_tensorrt_names_its_own_extra(monkeypatch):
+    from quant.deploy import require
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(UserError) as err:
+        require("tensorrt", "TensorRT")
+    text = str(err.value)
+    assert text.startswith("TensorRT is not installed") and 'pip install -e ".[tensorrt]"' in text
+    assert "[deploy]" not in text and "\n" not in text

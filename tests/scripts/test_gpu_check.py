@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh, the CUDA check the project ships: syntax, its argument checks, loud failure where no GPU
 is present, and a CPU dry run of its pipeline steps (GPU_CHECK_DEVICE=cpu, tiny budgets)."""
+import importlib.util
 import os
 import subprocess
 
@@ -35,7 +36,10 @@ def test_fails_loudly_without_cuda(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_dry_run_of_every_step(tmp_path):
-    proc = _run(tmp_path, GPU_CHECK_DEVICE="cpu", GPU_CHECK_METHODS="mpqdm", GPU_CHECK_PYTEST="0")
+    """Steps 1, 3 and 5 on the CPU; step 5 (TensorRT) forced, so without TensorRT it must say how to install it."""
+    no_trt = importlib.util.find_spec("tensorrt") is None
+    proc = _run(tmp_path, GPU_CHECK_DEVICE="cpu", GPU_CHECK_METHODS="mpqdm", GPU_CHECK_PYTEST="0",
+                GPU_CHECK_TRT="1" if no_trt else "0")
     log = (tmp_path / "gpu_check.log").read_text()
     assert proc.returncode == 0, log[-3000:]
     measured = (tmp_path / "measure.txt").read_text().splitlines()
@@ -47,3 +51,7 @@ def test_cpu_dry_run_of_every_step(tmp_path):
     for name in ("samples.npz", "samples.metrics.json", "export.safetensors", "packed.npz"):
         assert (run / name).is_file(), name
     assert "gpu_check: OK" in log and "=== summary" in log
+    assert "=== 5. TensorRT INT8 engine" in log
+    assert ('skipped: TensorRT is not installed (pip install -e ".[tensorrt]")' if no_trt else
+            "skipped (runs on CUDA only") in log
+
