@@ -412,8 +412,8 @@ def write_results(out_dir, command, speed, memory, fidelity, load):
              "Made by (each run replaces its own rows; listed: the commands whose rows are here):",
              *[f"- `{c}`" for c in data["commands"]], "",
              f"Machine: {os.cpu_count()} CPU cores shared with other developers (1-minute load average "
-             f"{data.get('load_average_at_end')} at the end of the last run): timings are noisy; every variant is "
-             "called in the same interleaved rounds and the ratios are of medians.", ""]
+             f"{data.get('load_average_at_end') or 0:.2f} at the end of the last timing run): timings are noisy; "
+             "every variant is called in the same interleaved rounds and the ratios are of medians.", ""]
     for model in sorted({r["model"] for r in data["speed"]}):
         for th in sorted({r["threads"] for r in data["speed"] if r["model"] == model}):
             rows = [r for r in data["speed"] if r["model"] == model and r["threads"] == th]
