@@ -187,15 +187,14 @@ class EngineLayer(nn.Module):
         integer kernel (z'_k = z_k, or z_k − 128 for the shifted int8 codes of the Q/DQ graph)."""
         delta, zero = self._scales(p)
         u = self._scaled(p, self._view(x), delta, x.shape) + zero
-        q, d = self._buf(p, "q"), self._buf(p, "wdelta")
         if self.flavor == "openvino":
             c = torch.fake_quantize_per_tensor_affine(u, 1.0, 0, 0, p["hi"])
-            w = q.to(torch.float32) * d.view((-1,) + (1,) * (q.dim() - 1))
+            w = self._w_hat(p)
             offset = zero
         else:   # Q/DQ of the codes right before the conv, in its 4D shape: TensorRT fuses DQ -> Conv into INT8
             shift = 128 if p["hi"] > 127 else 0
             c = _QDQCodes.apply(torch.clamp(u if self.kind == "linear" else u.reshape(x.shape), 0, p["hi"]) - shift)
-            w = _DQWeight.apply(q, d)
+            w = _DQWeight.apply(self._buf(p, "q"), self._buf(p, "wdelta"))
             offset = zero - shift
         shift_term = (-(delta * offset)) * self._k_term(p, x)
         if bias is not None:
