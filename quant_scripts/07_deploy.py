@@ -14,7 +14,7 @@ those layers: requantized per channel to the safe range (auto on such CPUs), kep
 import os
 
 # _common first: it puts the repository root on sys.path
-from _common import (PRESET_NAMES, add_stage_flag, artifact_path, build_student, class_info, load_fp_model,  # noqa: F401
+from _common import (PRESET_NAMES, add_stage_flag, artifact_path, build_student, load_fp_model,  # noqa: F401
                      load_quantized_artifact, unet_config)
 from ldm import cli
 from ldm.cli import ArgumentParser, positive_int
@@ -72,17 +72,12 @@ def load_quantized(args, model, ident):
     return build_student(model, meta, art["state_dict"], copy_unet=False), meta, source
 
 
-def example_context(model, batch):
-    """Context shape (without batch) of the UNet call, or None for an unconditional model."""
-    import torch
-    class_cond, _, null = class_info(model)
-    if class_cond:
-        labels = torch.full((batch,), null, dtype=torch.long, device=model.device)
-        return tuple(model.get_learned_conditioning({model.cond_stage_key: labels}).shape[1:])
-    if getattr(model, "conditioning_key", None) is not None:
-        raise UserError("07 deploys class-conditional and unconditional LDMs; this model is conditioned on "
-                        f"{model.cond_stage_key!r}.")
-    return None
+def example_context(model):
+    """Context shape (without batch) of the UNet call (class or text conditioning: the unconditional context's),
+    or None for an unconditional model."""
+    from ldm.pipelines import adapter_for
+    context = adapter_for(model).uncond(1)
+    return None if context is None else tuple(context.shape[1:])
 
 
 def main(argv=None):
@@ -108,7 +103,7 @@ def main(argv=None):
     deploy = build_deploy_unet(qunet, layers, "openvino" if args.engine == "openvino" else "qdq")
     latent = (int(model.channels), int(model.image_size), int(model.image_size))
     timesteps = list(qunet.table.timesteps)
-    example = example_inputs(args.batch, latent, example_context(model, args.batch), len(timesteps) // 2,
+    example = example_inputs(args.batch, latent, example_context(model), len(timesteps) // 2,
                              timesteps[len(timesteps) // 2])
     header = {"method": meta["method"], "w_bits": meta["n_bits_w"], "a_bits": meta["n_bits_a"],
               "timesteps": timesteps, "config_hash": meta["config_hash"], "preset": args.preset,

@@ -138,31 +138,6 @@ def test_pixel_post_training(pixel, tmp_path, method):
     assert arr.shape == (4, 32, 32, 3) and arr.dtype == np.uint8 and arr.std() > 0
 
 
-def test_pixel_engine_samples_like_the_fake_quant_model(pixel, tmp_path):
-    """07 deploys a pixel-family model (the DDIM Model: no context, its SiLU a function) and 04 --engine samples with
-    it: every int8 part exact (--wide fp), so the samples are the fake-quant ones up to float reassociation."""
-    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (pip install -e '.[deploy]')")
-    import openvino as ov
-    model, calib_dir = pixel
-    shutil.copy2(calib_dir / "calib.pt", tmp_path / "calib.pt")
-    common = model + ["--run_dir", tmp_path]
-    run("02_quantize_ldm_naive.py", *common, "--method", "efficientdm", "--n_bits_w", 4, "--n_bits_a", 8,
-        "--n_calib", 8)
-    engine = tmp_path / "engine" / "unet.xml"
-    run("07_deploy.py", *common, "--stage", "naive", "--out", engine, "--wide", "fp")
-    graph = ov.Core().read_model(str(engine))
-    ranks = {op.get_input_partial_shape(0).rank.get_length() for op in graph.get_ops()
-             if op.get_type_name() in ("Sigmoid", "FakeQuantize")}
-    assert ranks and max(ranks) <= 3   # x·sigmoid(x) and the quantizers run on rows views (engine rule 5)
-    sample = ["--stage", "naive", "--n_samples", 4, "--batch_size", 4]
-    run("04_sample_lora_model.py", *common, *sample, "--out", tmp_path / "fake.npz")
-    run("04_sample_lora_model.py", *common, "--engine", "openvino", engine, *sample[2:], "--out", tmp_path / "e.npz")
-    got, fake = _arrays(tmp_path / "e.npz")["arr_0"], _arrays(tmp_path / "fake.npz")["arr_0"]
-    diff = np.abs(got.astype(int) - fake.astype(int))
-    assert got.shape == (4, 32, 32, 3) and diff.mean() < 2.0 and (diff <= 1).mean() > 0.9, (diff.mean(),
-                                                                                           (diff <= 1).mean())
-
-
 def test_pixel_loop_noise_rule(pixel, tmp_path):
     """The one loop on a pixel model: image i starts from the CPU noise seeded seed*1000003+i, whatever the batch,
     and equals PixelDiffusion.sample (generalized_steps) from that noise."""
@@ -228,6 +203,41 @@ def test_text_pipeline(text, tmp_path, method, w, a):
     assert "prompt_accuracy" in metrics["metrics"]
     assert len(os.listdir(tmp_path / "samples_png")) == 6
     assert open(tmp_path / "samples_prompts.txt").read().splitlines() == prompts
+
+
+# ------------------------------------------------------------------------------------------------ engines
+ENGINE_SAMPLING = {"pixel": ["--n_samples", 4, "--batch_size", 4],
+                   "text": ["--n_prompts", 2, "--images_per_prompt", 2, "--batch_size", 4]}
+
+
+@pytest.mark.parametrize("family", sorted(ENGINE_SAMPLING))
+def test_engine_samples_like_the_fake_quant_model(family, request, tmp_path):
+    """07 deploys a model of each new family (the DDIM Model: no context, its SiLU a function; the text model: a
+    [77, 64] text context) and 04 --engine samples with it: every int8 part exact (--wide fp), so the samples are the
+    fake-quant ones up to float reassociation (PSNR > 35 dB)."""
+    pytest.importorskip("openvino", reason="OpenVINO is an optional extra (pip install -e '.[deploy]')")
+    import openvino as ov
+    model, calib_dir = request.getfixturevalue(family)
+    shutil.copy2(calib_dir / "calib.pt", tmp_path / "calib.pt")
+    common = model + ["--run_dir", tmp_path]
+    run("02_quantize_ldm_naive.py", *common, "--method", "efficientdm", "--n_bits_w", 4, "--n_bits_a", 8,
+        "--n_calib", 8)
+    engine = tmp_path / "engine" / "unet.xml"
+    run("07_deploy.py", *common, "--stage", "naive", "--out", engine, "--wide", "fp")
+    graph = ov.Core().read_model(str(engine))
+    ranks = {op.get_input_partial_shape(0).rank.get_length() for op in graph.get_ops()
+             if op.get_type_name() in ("Sigmoid", "Swish", "FakeQuantize")}
+    assert ranks and max(ranks) <= 3   # SiLUs and quantizers run on rows views (engine rule 5)
+    sample = ["--stage", "naive", *ENGINE_SAMPLING[family]]
+    run("04_sample_lora_model.py", *common, *sample, "--out", tmp_path / "fake.npz")
+    run("04_sample_lora_model.py", *common, "--engine", "openvino", engine, *sample[2:], "--out", tmp_path / "e.npz")
+    got, fake = _arrays(tmp_path / "e.npz"), _arrays(tmp_path / "fake.npz")
+    mse = ((got["arr_0"].astype(float) - fake["arr_0"].astype(float)) ** 2).mean()
+    # a code flipped at a rounding tie moves later steps a little (more under the text model's CFG 3 and decoder);
+    # a lost zero-point term, step scale or smoothing gives noise (PSNR ~10-20 dB)
+    assert got["arr_0"].shape == (4, 32, 32, 3) and 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > 35, mse
+    if family == "text":
+        assert got["prompts"].tolist() == fake["prompts"].tolist()
 
 
 # ------------------------------------------------------------------------------------------------ sd-v1-4
