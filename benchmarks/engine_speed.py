@@ -399,11 +399,9 @@ def write_results(out_dir, command, speed, memory, fidelity, load):
     data["speed"] = _merge(data["speed"], speed, lambda r: (r["model"], r["variant"], r["threads"]))
     data["memory"] = _merge(data["memory"], memory, lambda r: (r["model"], r["variant"]))
     data["fidelity"] = _merge(data["fidelity"], fidelity, lambda r: r["setting"])
-    # the commands that made the rows now in the file (rows of files written before rows named their command
-    # keep that file's list)
-    owners = [r.get("command") for part in ("speed", "memory", "fidelity") for r in data[part]]
-    legacy = data["commands"] if None in owners else []
-    data["commands"] = list(dict.fromkeys(legacy + sorted({c for c in owners if c}, key=owners.index)))
+    # the commands that made the rows now in the file, in order of first appearance
+    data["commands"] = list(dict.fromkeys(r["command"] for part in ("speed", "memory", "fidelity")
+                                          for r in data[part] if r.get("command")))
     if speed:
         data["load_average_at_end"] = load
     os.makedirs(out_dir, exist_ok=True)

@@ -186,7 +186,8 @@ class QuantUNet(nn.Module):
                 "policy": self.policy}
 
 
-def _set_submodule(root, name, new):
+def set_submodule(root, name, new):
+    """Replace the submodule at dotted ``name`` of ``root`` by ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
@@ -213,13 +214,13 @@ def quantize_(unet, config, timesteps, policy=None):
         if fields is None:
             continue
         spec = dataclasses.replace(handler.layer_spec(config, fields.get("role", "quant"), len(table)), **fields)
-        _set_submodule(unet, name, wrap_layer(unet.get_submodule(name), spec, generator))
+        set_submodule(unet, name, wrap_layer(unet.get_submodule(name), spec, generator))
     if config.quantize_attention_matmuls:
         device = next(unet.parameters()).device
         for name in attention_matmuls(unet):
             kind = "qk" if name.endswith("qk_matmul") else "av"
             quantizers = [q.to(device) for q in handler.matmul_quantizers(config, kind, len(table))]
-            _set_submodule(unet, name, QuantMatMul(unet.get_submodule(name), quantizers))
+            set_submodule(unet, name, QuantMatMul(unet.get_submodule(name), quantizers))
     return QuantUNet(unet, config, table.timesteps, policy)
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quant.api import set_submodule
+
 VECTOR = 16   # f32 lanes of an AVX-512 register: rows shorter than this take the plugin's slow path
 
 
@@ -65,19 +67,21 @@ class GroupNormAsLayerNorm(nn.Module):
         return h.reshape(shape).to(x.dtype)
 
 
+def on_rows(fn, x):
+    """fn (element-wise) applied on the rows view of a feature map; vectors [B, C] as they are (rule 5)."""
+    return fn(x) if x.dim() < 3 else fn(rows(x)).reshape(x.shape)
+
+
 class RowsSiLU(nn.Module):
-    """nn.SiLU on the rows view of a feature map (rule 5); vectors [B, C] pass as they are."""
+    """nn.SiLU on the rows view of a feature map."""
 
     def forward(self, x):
-        return F.silu(x) if x.dim() < 3 else F.silu(rows(x)).reshape(x.shape)
+        return on_rows(F.silu, x)
 
 
 def rows_swish(x):
-    """x·sigmoid(x), the DDIM Model's nonlinearity in its own spelling, on the rows view of a map (rule 5)."""
-    if x.dim() < 3:
-        return x * torch.sigmoid(x)
-    r = rows(x)
-    return (r * torch.sigmoid(r)).reshape(x.shape)
+    """x·sigmoid(x), the DDIM Model's nonlinearity in its own spelling, on the rows view of a map."""
+    return on_rows(lambda r: r * torch.sigmoid(r), x)
 
 
 @contextlib.contextmanager
@@ -91,11 +95,6 @@ def engine_functions():
         yield
     finally:
         diffusion.nonlinearity = original
-
-
-def set_submodule(root, name, new):
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
 def rewrite_for_engine(unet):

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant.deploy.elementwise import channel_vector, engine_functions, rewrite_for_engine, rows, set_submodule
+from quant.api import set_submodule
+from quant.deploy.elementwise import channel_vector, engine_functions, rewrite_for_engine, rows
 
 FLAVORS = ("openvino", "qdq")
 

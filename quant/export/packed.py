@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.util import UserError, atomic_write_bytes
-from quant.api import QuantUNet, config_from_dict, quantize_
+from quant.api import QuantUNet, config_from_dict, quantize_, set_submodule
 from quant.artifacts import config_hash, plain, toolkit_version
 from quant.layers import QuantLayer
 from quant.export.packing import pack_rows, pack_uint, unpack_rows, unpack_uint
@@ -361,7 +361,7 @@ def load_export(path, model, dequantize_at_load=False, cache_weights=False, veri
             raise UserError(f"Layer {name!r} has shape {list(layers[name].weight.shape)} in the model but "
                             f"{want[name]['shape']} in the packed export.")
     for name, layer in layers.items():
-        _set_submodule(qunet.unet, name, PackedLayer.like(layer, want[name]["packed_bytes"]))
+        set_submodule(qunet.unet, name, PackedLayer.like(layer, want[name]["packed_bytes"]))
     tensors = _read_tensors(path, header, verify)
     expected = qunet.state_dict()
     for key in list(expected) + list(tensors):
@@ -399,8 +399,3 @@ def _read_tensors(path, header, verify):
     if verify and header.get("sha256") != _digest(out):
         raise UserError(f"The packed export {path} is corrupt: its tensors fail the header's sha256 checksum.")
     return out
-
-
-def _set_submodule(root, name, new):
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
