@@ -1,9 +1,9 @@
 """The element-wise side of the engine graph: the layout element-wise chains run in, and the UNet rewrites for it.
 
-Rule 5 of the engine graph (measured on the digits UNet, OpenVINO 2026.4, AVX-512 CPU, one thread): the CPU
-plugin's element-wise kernels run 10-25x slower on a tensor whose last dimension is shorter than the 16-float
-vector. SiLU on [200, 64, 8, 8]: 18 ns per element, on [200, 64, 4, 4]: 21 ns; the same data as [200, 64, 64]:
-1.1-2.7 ns; 16x16 maps and larger are fast as they are. So every element-wise chain around a conv (GroupNorm's
+Rule 5 of the engine graph (OpenVINO 2026.4, AVX-512 CPU, one thread; benchmarks/elementwise_layout.py): the CPU
+plugin's element-wise kernels run 4-10x slower on a tensor whose last dimension is shorter than the 16-float vector.
+SiLU on [200, 64, 8, 8]: 8.9 ns per element, on [200, 64, 4, 4]: 9.9 ns; the same data as rows: 1.2 ns; a 16x16 map
+is fast as it is (1.3 ns). So every element-wise chain around a conv (GroupNorm's
 affine, SiLU, the quantizer's scale and shift, the output's Δ_k, shift and bias) runs on the *rows view*
 ``rows(x)`` = [B, C/g, g·H·W], with g the fewest channels whose maps together fill a vector (g = 1 from 16
 elements up); only the conv itself sees the 4D map. The reshapes between them cost nothing, and OpenVINO still
